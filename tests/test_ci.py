@@ -1,0 +1,57 @@
+"CI's own checks: the README's test command is what CI runs, and the sync check catches a notebook edited without re-export."
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ci_runs_the_readme_test_command():
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci/run").read_text()
+    assert "nbdev-test && pytest" in readme
+    assert "nbdev-test\n" in ci and "pytest -q" in ci and "torch==2.13.0" in ci and "sync_check" in ci
+
+
+def _clone(tmp_path) -> Path:
+    if not (ROOT / ".git").exists() or shutil.which("nbdev-export") is None:
+        pytest.fail("needs a git checkout and nbdev installed (pip install -e '.[dev]')")
+    dst = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(dst)], check=True)
+    return dst
+
+
+def _sync(repo: Path):
+    return subprocess.run(["bash", ".ci/sync_check"], cwd=repo, capture_output=True, text=True)
+
+
+def test_sync_check_fails_on_a_notebook_edited_without_export(tmp_path):
+    repo = _clone(tmp_path)
+    clean = _sync(repo)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    nb_path = repo / "nbs/00_config.ipynb"
+    nb = json.loads(nb_path.read_text())
+    cell = next(c for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).startswith("#| export"))
+    cell["source"] = "".join(cell["source"]) + "\n\ndef added_without_export(): return 1\n"
+    nb_path.write_text(json.dumps(nb, indent=1) + "\n")
+    subprocess.run(["git", "commit", "-qam", "edit a notebook only", "--no-verify"], cwd=repo, check=True,
+                   env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                        "GIT_COMMITTER_EMAIL": "t@t", "PATH": subprocess.os.environ["PATH"],
+                        "HOME": subprocess.os.environ.get("HOME", "/tmp")})
+    res = _sync(repo)
+    assert res.returncode != 0
+    assert "ecot/config.py" in res.stdout, res.stdout
+
+
+def test_sync_check_fails_on_uncleaned_outputs(tmp_path):
+    repo = _clone(tmp_path)
+    nb_path = repo / "nbs/00_config.ipynb"
+    nb = json.loads(nb_path.read_text())
+    cell = next(c for c in nb["cells"] if c["cell_type"] == "code")
+    cell["execution_count"] = 7
+    cell["metadata"]["scrolled"] = True
+    nb_path.write_text(json.dumps(nb, indent=1) + "\n")
+    res = _sync(repo)
+    assert res.returncode != 0 and "nbs/00_config.ipynb" in res.stdout, res.stdout
