@@ -1,5 +1,6 @@
 "CI's own checks: the README's test command is what CI runs, and the sync check catches a notebook edited without re-export."
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,6 +24,12 @@ def _clone(tmp_path) -> Path:
     return dst
 
 
+def _commit(repo: Path, msg: str):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "commit", "-qam", msg, "--no-verify"], cwd=repo, check=True, env=env)
+
+
 def _sync(repo: Path):
     return subprocess.run(["bash", ".ci/sync_check"], cwd=repo, capture_output=True, text=True)
 
@@ -36,10 +43,7 @@ def test_sync_check_fails_on_a_notebook_edited_without_export(tmp_path):
     cell = next(c for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).startswith("#| export"))
     cell["source"] = "".join(cell["source"]) + "\n\ndef added_without_export(): return 1\n"
     nb_path.write_text(json.dumps(nb, indent=1) + "\n")
-    subprocess.run(["git", "commit", "-qam", "edit a notebook only", "--no-verify"], cwd=repo, check=True,
-                   env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                        "GIT_COMMITTER_EMAIL": "t@t", "PATH": subprocess.os.environ["PATH"],
-                        "HOME": subprocess.os.environ.get("HOME", "/tmp")})
+    _commit(repo, "edit a notebook only")
     res = _sync(repo)
     assert res.returncode != 0
     assert "ecot/config.py" in res.stdout, res.stdout
@@ -53,5 +57,6 @@ def test_sync_check_fails_on_uncleaned_outputs(tmp_path):
     cell["execution_count"] = 7
     cell["metadata"]["scrolled"] = True
     nb_path.write_text(json.dumps(nb, indent=1) + "\n")
+    _commit(repo, "commit an uncleaned notebook")
     res = _sync(repo)
     assert res.returncode != 0 and "nbs/00_config.ipynb" in res.stdout, res.stdout
