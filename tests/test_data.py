@@ -1,0 +1,129 @@
+"""Bad-input catalogue of the data layer (ecot.reasoning, ecot.rlds, ecot.dataset): each bad input is a
+clear error naming the thing; a frame without reasoning is counted, not fatal."""
+import json
+import shutil
+
+import pytest
+
+from ecot.dataset import ECoTRLDSDataset, make_dataloader
+from ecot.reasoning import ReasoningFormatError
+from ecot.rlds import CorruptShardError, UnknownNameError, open_builder, shard_files
+from ecot.synthetic import load_manifest, write_synthetic_bridge
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return write_synthetic_bridge(tmp_path_factory.mktemp("data"), n_train=4, n_val=1, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ECOT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def make(root, **kw):
+    kw = {"image_size": (32, 32), "future_action_window_size": 2, "shuffle_buffer_size": 8, **kw}
+    return ECoTRLDSDataset(root, **kw)
+
+
+def test_missing_data_root_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_root_dir does not exist: .*nowhere"):
+        make(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="data_root_dir is not set"):
+        make(None)
+
+
+def test_dataset_directory_missing_under_root(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset 'bridge_orig' not found"):
+        make(tmp_path)
+
+
+@pytest.mark.parametrize("mix", ["bridg", "no_such_mixture"])
+def test_unknown_dataset_or_mixture(root, mix):
+    with pytest.raises(UnknownNameError, match=f"unknown dataset or mixture '{mix}'"):
+        make(root, data_mix=mix)
+
+
+def test_mixture_member_missing(root):
+    with pytest.raises(FileNotFoundError, match="dataset 'bridge_orig_aux' not found"):
+        make(root, data_mix="bridge_two")
+
+
+@pytest.mark.parametrize("size", [(224,), (0, 224), (-5, 5), (224.0, 224), "224", None, (224, 224, 3), (True, 4)])
+def test_invalid_image_size(root, size):
+    with pytest.raises(ValueError, match="image_size"):
+        make(root, image_size=size)
+
+
+def test_missing_reasoning_json(root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="reasoning JSON not found: .*absent.json"):
+        make(root, reasoning_json=tmp_path / "absent.json")
+
+
+def test_malformed_reasoning_json(root, tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('{"x": {"0": {"reasoning": ')
+    with pytest.raises(ReasoningFormatError, match="broken.json: malformed JSON"):
+        make(root, reasoning_json=bad)
+
+
+def test_unknown_reasoning_layout_names_file_and_key_path(root, tmp_path):
+    ep = next(e for e in load_manifest(root)["episodes"] if e["split"] == "val")
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({ep["file_path"]: {str(ep["episode_id"]): {"reasoning": ["step 0", "step 1"]}}}))
+    ds = make(root, reasoning_json=odd, train=False)
+    with pytest.raises(ReasoningFormatError, match=f"odd.json: {ep['file_path']}/{ep['episode_id']}/reasoning"):
+        list(ds)
+
+
+def test_frame_without_reasoning_is_counted_not_fatal(root, tmp_path):
+    full = json.loads((root / "embodied_features_bridge.json").read_text())
+    val = [e for e in load_manifest(root)["episodes"] if e["split"] == "val"]
+    for e in val:  # strip every val episode's reasoning
+        full.get(e["file_path"], {}).pop(str(e["episode_id"]), None)
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(full))
+    loader = make_dataloader(make(root, reasoning_json=path, train=False), batch_size=3)
+    samples = [s for b in loader for s in b]
+    assert len(samples) == sum(e["n_steps"] for e in val)
+    assert all(s["reasoning"] == {} and not s["meta"]["has_reasoning"] for s in samples)
+    assert (loader.coverage.with_reasoning, loader.coverage.without_reasoning) == (0, len(samples))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupted_tfrecord_shard_is_named(root, tmp_path, damage):
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    shard = shard_files(open_builder(copy, "bridge_orig"), "train")[0]
+    data = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) * 2 // 3]
+    else:
+        mid = len(data) // 2
+        data[mid: mid + 32] = bytes(b ^ 0xFF for b in data[mid: mid + 32])
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match=f"corrupted TFRecord shard: .*{shard.name}"):
+        list(make(copy))  # statistics (new fingerprint) or iteration: either names the file
+
+
+def test_bad_loader_arguments(root):
+    ds = make(root, train=False)
+    with pytest.raises(ValueError, match="batch_size = 0"):
+        make_dataloader(ds, batch_size=0)
+    with pytest.raises(ValueError, match="num_workers = -1"):
+        make_dataloader(ds, batch_size=2, num_workers=-1)
+
+
+def test_bad_window_and_dropout(root):
+    with pytest.raises(ValueError, match="future_action_window_size = -1"):
+        make(root, future_action_window_size=-1)
+    with pytest.raises(ValueError, match="dropout_prob = 2"):
+        make(root, reasoning_dropout_prob=2)
+
+
+def test_spawned_workers_cover_each_frame_once(root):
+    ds = make(root, train=True, seed=3)
+    ref = sorted((s["meta"]["file_path"], s["meta"]["episode_id"], s["meta"]["step"]) for s in ds)
+    got = [(s["meta"]["file_path"], s["meta"]["episode_id"], s["meta"]["step"])
+           for b in make_dataloader(ds, batch_size=4, num_workers=2) for s in b]
+    assert sorted(got) == ref
