@@ -1,0 +1,257 @@
+"""Policy tests too heavy for the notebooks: latent-forward exactness over several cases, overfitting one batch,
+and a save/load round trip checked in a fresh process."""
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ecot.backbone import (QwenVLBackbone, build_qwen3vl, compare_latent_to_reference, float64_rmsnorm, toy_batch)
+from ecot.policy import ECoTPolicy
+
+
+class ToyTok:
+    "Tokenizer stand-in: 64 ids, vision specials at 60..63 (toy_batch uses 50 = pad, 51..53 = thinking markers)."
+    unk_token_id, pad_token_id = None, 50
+    _special = {"<|image_pad|>": 60, "<|video_pad|>": 61, "<|vision_start|>": 62, "<|vision_end|>": 63}
+
+    def convert_tokens_to_ids(self, t):
+        return self._special.get(t)
+
+    def __len__(self):
+        return 64
+
+
+TOY_TOK_SRC = textwrap.dedent('''
+    class ToyTok:
+        unk_token_id, pad_token_id = None, 50
+        _special = {"<|image_pad|>": 60, "<|video_pad|>": 61, "<|vision_start|>": 62, "<|vision_end|>": 63}
+        def convert_tokens_to_ids(self, t): return self._special.get(t)
+        def __len__(self): return 64
+''')
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    "Tiny models on a shared 2-core machine: intra-op threads cost far more than they save (5-40x here)."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _float64_backbone(hidden_layer=-1, attn="sdpa", dtype=torch.float64, **tiny):
+    vlm = build_qwen3vl("tiny", ToyTok(), attn_implementation=attn, seed=3, **tiny).to(dtype)
+    return QwenVLBackbone(vlm, hidden_layer=hidden_layer).eval()
+
+
+def _float64_batch(vlm, **kw):
+    b = toy_batch(vlm, **kw)
+    b["pixel_values"] = b["pixel_values"].to(vlm.dtype)
+    return b
+
+
+EXACT_CASES = {
+    "ragged-left-right-pad": dict(batch=dict(think_counts=(2, 0, 3))),
+    "all-rows-thinking": dict(batch=dict(think_counts=(3, 1, 2), prefix_lens=(2, 6, 4), suffix_lens=(1, 6, 3))),
+    "batch-of-one": dict(batch=dict(think_counts=(4,), prefix_lens=(3,), suffix_lens=(5,))),
+    "no-suffix": dict(batch=dict(think_counts=(2, 1), prefix_lens=(3, 3), suffix_lens=(0, 0))),
+    "middle-layer-deeper": dict(hidden_layer=2, tiny=dict(num_layers=3, deepstack_visual_indexes=(0, 1), head_dim=32),
+                                batch=dict(think_counts=(1, 3, 2), image_hw=(64, 96))),
+    # eager attention only in float32: transformers' eager softmax runs in float32, where a float64 mask minimum
+    # becomes -inf and left-padded (fully masked) rows turn NaN -- a float64-only artefact of the library
+    "eager-float32": dict(attn="eager", dtype=torch.float32, atol=1e-5, batch=dict(think_counts=(2, 0, 3))),
+}
+
+
+@pytest.mark.parametrize("case", list(EXACT_CASES))
+def test_latent_forward_equals_naive_reference(case):
+    "KV-cache latent forward == full recompute per thinking column: logits, latents, hidden, loss, grads (float64)."
+    spec = EXACT_CASES[case]
+    bb = _float64_backbone(spec.get("hidden_layer", -1), spec.get("attn", "sdpa"), spec.get("dtype", torch.float64),
+                           **spec.get("tiny", {}))
+    batch = _float64_batch(bb.vlm, **spec["batch"])
+    t0 = time.perf_counter()
+    with float64_rmsnorm():
+        diff = compare_latent_to_reference(bb, batch)
+    elapsed = time.perf_counter() - t0
+    print(f"{case}: {diff} in {elapsed:.2f}s")
+    for k in ("logits", "hidden", "latent_inputs", "loss", "grads"):
+        assert diff[k] < spec.get("atol", 1e-10), (k, diff)
+    # prefix pass, one pass per thinking column, then the rest (<|end_of_thinking|> always follows the span)
+    assert diff["passes"] == 1 + max(spec["batch"]["think_counts"]) + 1
+
+
+def test_stage0_equals_transformers_forward():
+    "The one-pass path with the batch's position ids == Qwen3VLForConditionalGeneration.forward (float64)."
+    bb = _float64_backbone()
+    b = _float64_batch(bb.vlm, stage=0, prefix_lens=(3, 7, 1), suffix_lens=(4, 6, 2))
+    with torch.no_grad():
+        ours = bb(**{k: v for k, v in b.items() if k not in ("stage", "meta")}, return_logits=True)
+        ref = bb.vlm(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
+                     image_grid_thw=b["image_grid_thw"], mm_token_type_ids=b["mm_token_type_ids"], labels=b["labels"])
+    real = b["attention_mask"].bool()
+    assert ours.path == "single"
+    assert (ours.logits - ref.logits)[real].abs().max() < 1e-10
+    # both losses are computed from float32-upcast logits (transformers' convention), reduced in another order
+    assert abs(ours.vlm_loss.item() - ref.loss.item()) < 1e-6 * ref.loss.item()
+
+
+def _policy(**kw):
+    args = dict(action_dim=7, chunk_len=4, state_dim=7, action_hidden_size=64, action_num_layers=2,
+                repeated_diffusion_steps=8, vlm_loss_weight=0.5)
+    args.update(kw)
+    return ECoTPolicy.build("tiny", ToyTok(), **args)
+
+
+@pytest.mark.parametrize("stage,path", [(0, "single"), (1, "latent"), (2, "latent")])
+def test_gradients_present_and_finite(stage, path):
+    "Every trainable parameter gets a finite, non-zero gradient on both paths."
+    pol = _policy()
+    out = pol(toy_batch(pol.backbone.vlm, stage=stage, think_counts=(2, 0, 3) if stage == 1 else (4, 4, 4)))
+    assert out["path"] == path
+    out["total_loss"].backward()
+    bad = [n for n, p in pol.named_parameters()
+           if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0)]
+    assert not bad
+
+
+def test_overfit_one_batch_latent():
+    "Training the whole tiny policy on one stage-1 batch drives the action loss down by >= 90%."
+    torch.manual_seed(0)
+    pol = _policy()
+    batch = toy_batch(pol.backbone.vlm, stage=1)
+
+    def eval_loss():
+        with torch.random.fork_rng():
+            torch.manual_seed(1234)
+            pol.eval()
+            pol.repeated_diffusion_steps = 32
+            with torch.no_grad():
+                loss = pol(batch)["action_loss"].item()
+            pol.train()
+            pol.repeated_diffusion_steps = 8
+        return loss
+
+    opt = torch.optim.AdamW(pol.parameters(), lr=2e-3)
+    t0 = time.perf_counter()
+    before = eval_loss()
+    for _ in range(100):
+        out = pol(batch)
+        opt.zero_grad()
+        out["total_loss"].backward()
+        torch.nn.utils.clip_grad_norm_(pol.parameters(), 1.0)
+        opt.step()
+    after = eval_loss()
+    elapsed = time.perf_counter() - t0
+    print(f"overfit: action loss {before:.3f} -> {after:.4f} ({after / before:.1%}), vlm loss "
+          f"{out['vlm_loss'].item():.3f}, {elapsed:.1f}s")
+    assert out["path"] == "latent"
+    assert after <= 0.1 * before
+
+
+def _builder(vlm, stage=1):
+    return lambda images, instruction, state=None: toy_batch(vlm, think_counts=(2,), prefix_lens=(3,),
+                                                             suffix_lens=(0,), stage=stage, seed=7)
+
+
+STATS = {"bridge": {"action": {"q01": [-0.1] * 7, "q99": [0.1] * 7, "mask": [True] * 6 + [False]}}}
+
+
+def test_predict_action_shapes_and_determinism():
+    pol = _policy(dataset_statistics=STATS)
+    pol.batch_builder = _builder(pol.backbone.vlm)
+    a = pol.predict_action(None, "pick up the cup", seed=5)
+    b = pol.predict_action(None, "pick up the cup", seed=5)
+    c = pol.predict_action(None, "pick up the cup", seed=6, num_steps=8)
+    assert a["actions"].shape == (1, 4, 7) and a["normalized_actions"].shape == (1, 4, 7)
+    np.testing.assert_array_equal(a["actions"], b["actions"])
+    assert not np.array_equal(a["actions"], c["actions"])
+    assert np.all(np.abs(a["actions"][..., :6]) <= 0.1 + 1e-6)
+
+
+def test_save_load_roundtrip_fresh_process(tmp_path):
+    "A trained policy saved here reloads in a new Python process and gives identical actions and parameters."
+    torch.manual_seed(0)
+    pol = _policy(dataset_statistics=STATS)
+    opt = torch.optim.AdamW(pol.parameters(), lr=1e-3)
+    batch = toy_batch(pol.backbone.vlm, stage=1)
+    for _ in range(3):  # move the weights away from their seeded initialisation
+        opt.zero_grad()
+        pol(batch)["total_loss"].backward()
+        opt.step()
+    pol.batch_builder = _builder(pol.backbone.vlm)
+    expected = pol.predict_action(None, "x", seed=11)["actions"]
+    ckpt = pol.save_pretrained(tmp_path / "ckpt")
+    checksum = float(sum(p.double().sum() for p in pol.state_dict().values()))
+    script = TOY_TOK_SRC + textwrap.dedent(f'''
+        import json, numpy as np, torch
+        torch.set_num_threads(1)  # same as the test process: bitwise-identical reductions
+        from ecot.policy import ECoTPolicy
+        from ecot.backbone import toy_batch
+        pol = ECoTPolicy.from_pretrained({str(ckpt)!r})
+        pol.batch_builder = lambda images, instruction, state=None: toy_batch(
+            pol.backbone.vlm, think_counts=(2,), prefix_lens=(3,), suffix_lens=(0,), stage=1, seed=7)
+        np.save({str(tmp_path / "actions.npy")!r}, pol.predict_action(None, "x", seed=11)["actions"])
+        print(json.dumps(dict(checksum=float(sum(p.double().sum() for p in pol.state_dict().values())),
+                              stats=pol.dataset_statistics)))
+    ''')
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["checksum"] == checksum
+    assert info["stats"] == STATS
+    np.testing.assert_array_equal(np.load(tmp_path / "actions.npy"), expected)
+
+
+def test_from_pretrained_missing_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="policy_config.json"):
+        ECoTPolicy.from_pretrained(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from ecot.processor import load_processor
+    return load_processor("tiny")
+
+
+def test_collated_batch_latent_exactness(processor):
+    "On a real collated stage-2 batch (chat template, left padding from prompts of different lengths): KV == naive."
+    from ecot.collate import ECoTCollator, toy_sample
+    vlm = build_qwen3vl("tiny", processor, seed=5).to(torch.float64)
+    bb = QwenVLBackbone(vlm).eval()
+    batch = ECoTCollator(processor, stage=2)([toy_sample(lang="pick up the red cup", seed=0),
+                                              toy_sample(lang="put the spoon in the pot on the left", seed=1),
+                                              toy_sample(lang="open it", seed=2, reasoning={})])
+    assert (batch["attention_mask"][:, 0] == 0).any()
+    batch["pixel_values"] = batch["pixel_values"].double()
+    with float64_rmsnorm():
+        diff = compare_latent_to_reference(bb, batch)
+    print("collated stage 2:", diff)
+    for k in ("logits", "hidden", "latent_inputs", "loss", "grads"):
+        assert diff[k] < 1e-10, (k, diff)
+
+
+def test_predict_action_with_collator(processor, tmp_path):
+    "predict_action from raw images + instruction through the real collator, stage 0 (decoding) and stage 2."
+    from ecot.collate import ECoTCollator, toy_sample
+    pol = ECoTPolicy.build("tiny", processor, action_dim=7, chunk_len=4, state_dim=7, action_hidden_size=32,
+                           action_num_layers=1, dataset_statistics=STATS)
+    obs = toy_sample(seed=3)
+    pol.set_collator(ECoTCollator(processor, stage=0))
+    r = pol.predict_action(obs["image"], obs["lang"], obs["state"], decode_reasoning=True, max_new_tokens=6, seed=1)
+    assert r["path"] == "single" and r["actions"].shape == (1, 4, 7) and isinstance(r["reasoning"][0], str)
+    pol.set_collator(ECoTCollator(processor, stage=2))
+    a = pol.predict_action(obs["image"], obs["lang"], obs["state"], seed=1)
+    assert a["path"] == "latent"
+    # the processor is saved with the policy and reloads with it
+    ckpt = pol.save_pretrained(tmp_path / "ckpt")
+    assert (ckpt / "processor").is_dir()
+    loaded = ECoTPolicy.from_pretrained(ckpt).set_collator(ECoTCollator(processor, stage=2))
+    assert len(loaded.processor.tokenizer) == len(processor.tokenizer)
+    np.testing.assert_array_equal(loaded.predict_action(obs["image"], obs["lang"], obs["state"], seed=1)["actions"],
+                                  a["actions"])
