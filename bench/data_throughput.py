@@ -1,22 +1,55 @@
 #!/usr/bin/env python3
-"""Frames per second of the ECoT data pipeline (tf.data RLDS -> torch DataLoader) at a given image size.
+"""Frames per second of the ECoT data pipeline, tf.data backend and TensorFlow-free torch backend side by side.
 
-Runs the same dataset through DataLoaders with 0, 1, 2, ... workers (spawned) and prints a table of
-frames/s overall and per worker, each as a ratio to a reference measured in the same run: the bare
-tf.data pipeline (no torch, no PIL, no reasoning lookup) in this process.
+For each backend ("tf": ecot.rlds on tf.data; "torch": ecot.tfds_reader, plain Python + numpy + PIL):
+  * a fresh subprocess measures the import cost (seconds and RSS after importing what the backend needs),
+    then the bare pipeline's frames/s (no torch DataLoader, no PIL conversion, no reasoning lookup) and its
+    peak RSS;
+  * this process runs ECoTRLDSDataset through DataLoaders with 0, 1, 2, ... spawned workers.
+Every frames/s is also printed as a ratio to a reference measured in the same run: the bare pipeline of the
+first backend listed (tf when TensorFlow is installed).
 
-    python bench/data_throughput.py                     # embedded synthetic Bridge data, 224 px
+    python bench/data_throughput.py                          # embedded synthetic Bridge data, 224 px
+    python bench/data_throughput.py --backends torch         # machines without TensorFlow
     python bench/data_throughput.py --frames 600 --workers 0,1,2,4 --data-root /data/tfds
 """
 import argparse
 import itertools
+import json
 import os
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from ecot.dataset import ECoTRLDSDataset, make_dataloader  # noqa: E402
-from ecot.rlds import iterate_numpy, make_interleaved_dataset  # noqa: E402
+# Runs in a fresh interpreter: import cost and RSS of one backend, then its bare pipeline.
+CHILD = r"""
+import json, os, sys, time, itertools
+def rss_mib(key="VmRSS"):  # VmHWM = peak RSS of this process image (ru_maxrss would include the parent's, via fork)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
+a = json.loads(sys.argv[1])
+base = rss_mib()
+t0 = time.perf_counter()
+from ecot.tfds_reader import interleaved_frames, resolve_backend
+backend = resolve_backend(a["backend"])
+if backend == "tf":
+    import ecot.rlds  # what the tf backend needs on top (TensorFlow, tensorflow-datasets)
+import_s, import_rss = time.perf_counter() - t0, rss_mib()
+def frames():
+    while True:
+        yield from interleaved_frames(backend, a["root"], a["mix"], a["size"], True, 0, 7, a["shuffle"], a["aug"], 0,
+                                      statistics=None)[0]
+it = frames()
+t1 = time.perf_counter(); next(it); first = time.perf_counter() - t1
+t2 = time.perf_counter()
+for _ in itertools.islice(it, a["frames"]): pass
+fps = a["frames"] / (time.perf_counter() - t2)
+peak = rss_mib("VmHWM")
+print(json.dumps({"import_s": import_s, "base_rss": base, "import_rss": import_rss, "peak_rss": peak,
+                  "first": first, "fps": fps}))
+"""
 
 
 def endless(make_iter):
@@ -35,10 +68,23 @@ def timed(frames_iter, n_frames: int) -> tuple[float, float]:
     return t1 - t0, n_frames / (time.perf_counter() - t1)
 
 
+def bare_pipeline(backend: str, args) -> dict:
+    "Import cost, RSS and bare-pipeline frames/s of one backend, measured in a fresh interpreter."
+    spec = {"backend": backend, "root": str(args.data_root), "mix": args.data_mix, "size": list(args.image_size),
+            "shuffle": args.shuffle_buffer, "aug": args.image_aug, "frames": args.frames}
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{backend} bare pipeline failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
+    from ecot.tfds_reader import tensorflow_available
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=400, help="frames timed per configuration (after the first)")
     ap.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
+    ap.add_argument("--backends", default="tf,torch" if tensorflow_available() else "torch",
+                    help="comma-separated backends (tf, torch); the first is the reference")
     ap.add_argument("--image-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--data-root", default=None, help="TFDS data_dir (default: the embedded synthetic dataset)")
@@ -47,33 +93,41 @@ def main():
     ap.add_argument("--image-aug", action="store_true")
     args = ap.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
+    backends = args.backends.split(",")
 
     if args.data_root is None:
         from ecot.synthetic import embedded_dataset
         args.data_root = embedded_dataset()
+    from ecot.dataset import ECoTRLDSDataset, make_dataloader
     kw = dict(image_size=tuple(args.image_size), future_action_window_size=7, shuffle_buffer_size=args.shuffle_buffer,
               image_aug=args.image_aug, train=True, seed=0)
-    ds = ECoTRLDSDataset(args.data_root, args.data_mix, **kw)
 
-    def tf_only():
-        tds, _, files = make_interleaved_dataset(args.data_root, args.data_mix, kw["image_size"], True, 0, 7,
-                                                 args.shuffle_buffer, args.image_aug, 0, statistics=ds.statistics)
-        return iterate_numpy(tds, files)
+    bare, rows = {}, []
+    for b in backends:
+        bare[b] = bare_pipeline(b, args)
+        rows.append((b, "bare", "-", bare[b]["first"], bare[b]["fps"]))
+    for b in backends:
+        ds = ECoTRLDSDataset(args.data_root, args.data_mix, backend=b, **kw)
+        for nw in workers:
+            loader = make_dataloader(ds, batch_size=args.batch_size, num_workers=nw)
+            frames = (s for batch in endless(lambda: iter(loader)) for s in batch)
+            rows.append((b, "DataLoader", nw, *timed(frames, args.frames)))
 
-    rows = [("tf.data only", "-", *timed(endless(tf_only), args.frames))]
-    for nw in workers:
-        loader = make_dataloader(ds, batch_size=args.batch_size, num_workers=nw)
-        frames = (s for batch in endless(lambda: iter(loader)) for s in batch)
-        rows.append(("DataLoader", nw, *timed(frames, args.frames)))
-
-    ref = rows[0][3]
+    ref_name, ref = backends[0], bare[backends[0]]["fps"]
     print(f"\nECoT data throughput: {args.data_mix} at {args.image_size[0]}x{args.image_size[1]}, "
           f"{args.frames} frames timed, batch {args.batch_size}, {os.cpu_count()} CPU cores, "
           f"aug {'on' if args.image_aug else 'off'}")
-    print(f"{'pipeline':<14}{'workers':>8}{'first (s)':>11}{'frames/s':>10}{'per worker':>12}{'vs tf.data':>12}")
-    for name, nw, first, fps in rows:
+    print(f"{'backend':<8}{'pipeline':<12}{'workers':>8}{'first (s)':>11}{'frames/s':>10}{'per worker':>12}"
+          f"{'vs ' + ref_name + ' bare':>14}")
+    for b, name, nw, first, fps in rows:
         per = fps / nw if isinstance(nw, int) and nw > 0 else fps
-        print(f"{name:<14}{nw!s:>8}{first:>11.2f}{fps:>10.1f}{per:>12.1f}{fps / ref:>11.2f}x")
+        print(f"{b:<8}{name:<12}{nw!s:>8}{first:>11.2f}{fps:>10.1f}{per:>12.1f}{fps / ref:>13.2f}x")
+    print(f"\n{'backend':<8}{'import (s)':>11}{'RSS after import (MiB)':>24}{'peak RSS, bare run (MiB)':>27}"
+          f"{'import vs ' + ref_name:>16}")
+    for b in backends:
+        m = bare[b]
+        print(f"{b:<8}{m['import_s']:>11.2f}{m['import_rss']:>24.0f}{m['peak_rss']:>27.0f}"
+              f"{m['import_s'] / bare[ref_name]['import_s']:>15.2f}x")
 
 
 if __name__ == "__main__":

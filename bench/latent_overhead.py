@@ -1,0 +1,116 @@
+"""Latent-forward overhead: full policy training step (VLM + action head + AdamW) at n thinking tokens,
+divided by the stage-0 step on the same model, batch and sequence — for the project's KV-cache latent path
+and the naive full recompute per pass, plus peak-memory ratios. All numbers are ratios measured in one run.
+
+    python bench/latent_overhead.py                      # 2B-shaped Qwen3-VL (random weights), bf16, GPU
+    python bench/latent_overhead.py --preset tiny --device cpu --batch 4 --steps 3   # smoke run
+"""
+import argparse
+import statistics
+import time
+import types
+
+import torch
+
+from ecot.backbone import reference_latent_forward, tiny_qwen3vl_config, toy_batch
+from ecot.policy import ECoTPolicy
+from transformers import Qwen3VLForConditionalGeneration
+
+PRESETS = {  # Qwen3-VL-2B shapes (random weights: nothing is downloaded)
+    "2b": dict(vocab_size=151936, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+               intermediate_size=6144, vision_depth=24, vision_hidden_size=1024, vision_heads=16,
+               deepstack_visual_indexes=(5, 11, 17)),
+    "tiny": dict(vocab_size=600),
+}
+
+
+def build_policy(preset: str, device, dtype):
+    p = dict(PRESETS[preset])
+    vocab = p.pop("vocab_size")
+    cfg = tiny_qwen3vl_config(vocab_size=vocab, image_token_id=vocab - 4, video_token_id=vocab - 3,
+                              vision_start_token_id=vocab - 2, vision_end_token_id=vocab - 1, **p)
+    torch.manual_seed(0)
+    vlm = Qwen3VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    policy = ECoTPolicy(vlm, action_dim=7, chunk_len=16, state_dim=7, action_hidden_size=512, action_num_layers=8,
+                        action_num_heads=8, repeated_diffusion_steps=4, vlm_loss_weight=0.1)
+    return policy.to(device=device, dtype=dtype), cfg
+
+
+def make_batch(vlm, n: int, batch: int, tokens: int, image: int, device):
+    "Rows of about `tokens` tokens with one `image`-px image; n thinking tokens per row (0: a stage-0 batch)."
+    vc = vlm.config.vision_config
+    n_img = (image // vc.patch_size) ** 2 // vc.spatial_merge_size ** 2
+    prefix, thinking_span = 20, (n + 2 if n else 0)
+    suffix = max(8, tokens - prefix - n_img - 4 - thinking_span)
+    vocab = vlm.config.text_config.vocab_size
+    b = toy_batch(vlm, think_counts=[n] * batch, prefix_lens=[prefix] * batch, suffix_lens=[suffix] * batch,
+                  image_hw=(image, image), thinking_ids=(vocab - 7, vocab - 6, vocab - 5), n_text=vocab - 8,
+                  pad_id=vocab - 8, chunk_len=16, stage=1 if n else 0)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+def time_step(policy, batch, steps: int, warmup: int, device):
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5,
+                            fused=device.type == "cuda")
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        out = policy(batch)
+        out["total_loss"].backward()
+        opt.step(); opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    del opt
+    return statistics.median(times), peak, out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="2b", choices=sorted(PRESETS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=350)
+    ap.add_argument("--image", type=int, default=224)
+    ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive full-recompute reference")
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    policy, _ = build_policy(a.preset, device, dtype)
+    policy.train()
+    vlm = policy.backbone.vlm
+    rows = []
+    base_t, base_m, out = time_step(policy, make_batch(vlm, 0, a.batch, a.tokens, a.image, device), a.steps, a.warmup, device)
+    L = make_batch(vlm, 0, a.batch, a.tokens, a.image, device)["input_ids"].shape[1]
+    print(f"stage 0: {base_t * 1e3:.1f} ms/step, peak {base_m / 2**30:.2f} GiB, batch {a.batch} x {L} tokens "
+          f"({a.preset}, {dtype}, {device})", flush=True)
+    kv_forward = policy.backbone.forward
+    for n in a.n:
+        batch = make_batch(vlm, n, a.batch, a.tokens, a.image, device)
+        t, m, out = time_step(policy, batch, a.steps, a.warmup, device)
+        assert out["path"] == "latent", out["path"]
+        row = {"n": n, "latent": t / base_t, "latent_mem": m / base_m if base_m else float("nan")}
+        if not a.no_naive:
+            policy.backbone.forward = types.MethodType(reference_latent_forward, policy.backbone)
+            tn, mn, _ = time_step(policy, batch, a.steps, a.warmup, device)
+            policy.backbone.forward = kv_forward
+            row.update(naive=tn / base_t, naive_mem=mn / base_m if base_m else float("nan"))
+        rows.append(row)
+        print(row, flush=True)
+    print("\nstep time and peak memory relative to the stage-0 step (same model, batch, sequence; one run)")
+    print(f"{'n':>3} {'latent (KV cache)':>18} {'naive recompute':>16} {'latent mem':>11} {'naive mem':>10}")
+    for r in rows:
+        print(f"{r['n']:>3} {r['latent']:>17.2f}x {r.get('naive', float('nan')):>15.2f}x "
+              f"{r['latent_mem']:>10.2f}x {r.get('naive_mem', float('nan')):>9.2f}x")
+    print("targets: latent <= 1.3x at n = 8, peak memory <= 1.2x of stage 0")
+
+
+if __name__ == "__main__":
+    main()
