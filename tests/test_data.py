@@ -91,17 +91,11 @@ def test_frame_without_reasoning_is_counted_not_fatal(root, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_corrupted_tfrecord_shard_is_named(root, tmp_path, damage):
+def test_corrupted_tfrecord_shard_is_named(root, tmp_path, damage, damage_shard):
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
     shard = shard_files(open_builder(copy, "bridge_orig"), "train")[0]
-    data = bytearray(shard.read_bytes())
-    if damage == "truncate":
-        data = data[: len(data) * 2 // 3]
-    else:
-        mid = len(data) // 2
-        data[mid: mid + 32] = bytes(b ^ 0xFF for b in data[mid: mid + 32])
-    shard.write_bytes(bytes(data))
+    damage_shard(shard, damage)
     with pytest.raises(CorruptShardError, match=f"corrupted TFRecord shard: .*{shard.name}"):
         list(make(copy))  # statistics (new fingerprint) or iteration: either names the file
 

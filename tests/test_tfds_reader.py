@@ -173,17 +173,11 @@ def _train_shard(copy):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_corrupted_shard_is_named_torch_backend(root, tmp_path, damage):
+def test_corrupted_shard_is_named_torch_backend(root, tmp_path, damage, damage_shard):
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
     shard = _train_shard(copy)
-    data = bytearray(shard.read_bytes())
-    if damage == "truncate":
-        data = data[: len(data) * 2 // 3]
-    else:
-        mid = len(data) // 2
-        data[mid: mid + 32] = bytes(b ^ 0xFF for b in data[mid: mid + 32])
-    shard.write_bytes(bytes(data))
+    damage_shard(shard, damage)
     with pytest.raises(R.CorruptShardError, match=f"corrupted TFRecord shard: .*{shard.name}: record \\d+ at byte offset"):
         list(ECoTRLDSDataset(copy, image_size=(16, 16), backend="torch"))
 
