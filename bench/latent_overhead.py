@@ -1,9 +1,12 @@
 """Latent-forward overhead: full policy training step (VLM + action head + AdamW) at n thinking tokens,
 divided by the stage-0 step on the same model, batch and sequence — for the project's KV-cache latent path
-and the naive full recompute per pass, plus peak-memory ratios. All numbers are ratios measured in one run.
+(lean one-column passes), the Coconut-style loop (one full `language_model` call per column on a growing
+`DynamicCache`, `latent_impl = "loop"`) and the naive full recompute per pass, plus peak-memory ratios.
+All numbers are ratios measured in one run.
 
     python bench/latent_overhead.py                      # 2B-shaped Qwen3-VL (random weights), bf16, GPU
     python bench/latent_overhead.py --preset tiny --device cpu --batch 4 --steps 3   # smoke run
+    python bench/latent_overhead.py --check --profile    # + exactness on the device, + a profile of one step
 """
 import argparse
 import statistics
@@ -12,7 +15,8 @@ import types
 
 import torch
 
-from ecot.backbone import reference_latent_forward, tiny_qwen3vl_config, toy_batch
+from ecot.backbone import (QwenVLBackbone, build_qwen3vl, compare_latent_to_reference, float64_rmsnorm,
+                           reference_latent_forward, tiny_qwen3vl_config, toy_batch)
 from ecot.policy import ECoTPolicy
 from transformers import Qwen3VLForConditionalGeneration
 
@@ -69,6 +73,59 @@ def time_step(policy, batch, steps: int, warmup: int, device):
     return statistics.median(times), peak, out
 
 
+class _ToyTok:
+    "Token ids of `toy_batch` (0..49 text, 50 pad, 51..53 thinking markers, 60..63 vision) for the exactness check."
+    unk_token_id, pad_token_id = None, 50
+    _special = {"<|image_pad|>": 60, "<|video_pad|>": 61, "<|vision_start|>": 62, "<|vision_end|>": 63}
+    def convert_tokens_to_ids(self, t): return self._special.get(t)
+    def __len__(self): return 64
+
+
+def check_exactness(policy, device, n: int):
+    "Both KV implementations against the naive reference on `device`: tiny model in float64/float32, bench model as is."
+    for dtype in (torch.float64, torch.float32):
+        vlm = build_qwen3vl("tiny", _ToyTok(), seed=3, num_layers=3, deepstack_visual_indexes=(0, 1)).to(device, dtype)
+        bb = QwenVLBackbone(vlm).eval()
+        b = toy_batch(vlm, think_counts=(2, 0, 3, 1), prefix_lens=(3, 5, 4, 2), suffix_lens=(4, 2, 5, 3))
+        b = {k: v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else
+             v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        for impl in ("columns", "loop"):
+            bb.latent_impl = impl
+            with float64_rmsnorm():
+                d = compare_latent_to_reference(bb, b)
+            print(f"check tiny {dtype} {impl}: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()), flush=True)
+    bb = policy.backbone
+    vlm = bb.vlm
+    b = make_batch(vlm, n, 4, 120, 64, device)
+    b["think_counts"] = torch.tensor([n, 0, n - 1, 1], device=device)  # ragged
+    for impl in ("columns", "loop"):
+        bb.latent_impl = impl
+        d = compare_latent_to_reference(bb, b)
+        print(f"check bench model {next(vlm.parameters()).dtype} {impl}: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in d.items()), flush=True)
+    bb.latent_impl = "columns"
+    policy.zero_grad(set_to_none=True)
+
+
+def profile_step(policy, batch, device, rows: int = 14):
+    "Top CUDA kernels and host ops of one training step, and the number of kernel launches."
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        out = policy(batch)
+        out["total_loss"].backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    policy.zero_grad(set_to_none=True)
+    ka = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(ka.table(sort_by=sort, row_limit=rows, max_name_column_width=60))
+    if device.type == "cuda":
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / 1e3
+        print(f"{len(kernels)} kernels, {busy:.1f} ms of kernel time in the profiled step", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="2b", choices=sorted(PRESETS))
@@ -80,12 +137,19 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive full-recompute reference")
+    ap.add_argument("--no-loop", action="store_true", help="skip the Coconut-style loop (latent_impl='loop')")
+    ap.add_argument("--eager", action="store_true", help="one-column passes without torch.compile (compile_columns=False)")
+    ap.add_argument("--check", action="store_true", help="first compare both KV paths with the reference on the device")
+    ap.add_argument("--profile", action="store_true", help="profile one latent step at the largest n")
     a = ap.parse_args()
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     policy, _ = build_policy(a.preset, device, dtype)
     policy.train()
     vlm = policy.backbone.vlm
+    policy.backbone.compile_columns = not a.eager
+    if a.check:
+        check_exactness(policy, device, max(a.n))
     rows = []
     base_t, base_m, out = time_step(policy, make_batch(vlm, 0, a.batch, a.tokens, a.image, device), a.steps, a.warmup, device)
     L = make_batch(vlm, 0, a.batch, a.tokens, a.image, device)["input_ids"].shape[1]
@@ -97,6 +161,11 @@ def main():
         t, m, out = time_step(policy, batch, a.steps, a.warmup, device)
         assert out["path"] == "latent", out["path"]
         row = {"n": n, "latent": t / base_t, "latent_mem": m / base_m if base_m else float("nan")}
+        if not a.no_loop:
+            policy.backbone.latent_impl = "loop"
+            tl, ml, _ = time_step(policy, batch, a.steps, a.warmup, device)
+            policy.backbone.latent_impl = "columns"
+            row.update(loop=tl / base_t, loop_mem=ml / base_m if base_m else float("nan"))
         if not a.no_naive:
             policy.backbone.forward = types.MethodType(reference_latent_forward, policy.backbone)
             tn, mn, _ = time_step(policy, batch, a.steps, a.warmup, device)
@@ -104,11 +173,15 @@ def main():
             row.update(naive=tn / base_t, naive_mem=mn / base_m if base_m else float("nan"))
         rows.append(row)
         print(row, flush=True)
+    if a.profile:
+        profile_step(policy, make_batch(vlm, max(a.n), a.batch, a.tokens, a.image, device), device)
     print("\nstep time and peak memory relative to the stage-0 step (same model, batch, sequence; one run)")
-    print(f"{'n':>3} {'latent (KV cache)':>18} {'naive recompute':>16} {'latent mem':>11} {'naive mem':>10}")
+    nan = float("nan")
+    print(f"{'n':>3} {'latent (KV cache)':>18} {'coconut loop':>13} {'naive recompute':>16} {'latent mem':>11} "
+          f"{'loop mem':>9} {'naive mem':>10}")
     for r in rows:
-        print(f"{r['n']:>3} {r['latent']:>17.2f}x {r.get('naive', float('nan')):>15.2f}x "
-              f"{r['latent_mem']:>10.2f}x {r.get('naive_mem', float('nan')):>9.2f}x")
+        print(f"{r['n']:>3} {r['latent']:>17.2f}x {r.get('loop', nan):>12.2f}x {r.get('naive', nan):>15.2f}x "
+              f"{r['latent_mem']:>10.2f}x {r.get('loop_mem', nan):>8.2f}x {r.get('naive_mem', nan):>9.2f}x")
     print("targets: latent <= 1.3x at n = 8, peak memory <= 1.2x of stage 0")
 
 
