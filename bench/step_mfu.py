@@ -13,7 +13,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from latent_overhead import build_policy, make_batch, time_step
+from latent_overhead import build_policy, make_batch, profile_step, time_step
 
 DATASHEET_TFLOPS = 790.0
 
@@ -38,6 +38,9 @@ def main():
     ap.add_argument("--image", type=int, default=224)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile-layers", action="store_true",
+                    help="torch.compile every text decoder layer and vision block (regional compilation)")
+    ap.add_argument("--profile", action="store_true", help="profile one step: top kernels, launches, kernel vs wall time")
     a = ap.parse_args()
     device = torch.device("cuda")
     policy, _ = build_policy(a.preset, device, torch.bfloat16)
@@ -52,7 +55,11 @@ def main():
     policy.zero_grad(set_to_none=True)
     vlm.set_attn_implementation("sdpa")
     flops = fc.get_total_flops()
+    if a.compile_layers:
+        policy.backbone.compile_blocks()
     t, peak_mem, _ = time_step(policy, batch, a.steps, a.warmup, device)
+    if a.profile:
+        profile_step(policy, batch, device, rows=25)
     achieved = flops / t / 1e12
     ceiling = matmul_tflops(device)
     print(f"stage-0 step: {t * 1e3:.1f} ms, {flops / 1e12:.2f} TFLOP counted (fwd+bwd), {achieved:.0f} TFLOP/s")

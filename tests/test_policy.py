@@ -90,7 +90,7 @@ def test_latent_forward_equals_naive_reference(case, impl):
 
 
 def test_compiled_columns_equal_reference():
-    "The torch.compile'd column step (what runs on CUDA), forced on CPU: == reference in float32; graph reused."
+    "The torch.compile'd column stack (what runs on CUDA), forced on CPU: == reference in float32; graph reused."
     import torch._dynamo
     torch._dynamo.reset()
     bb = _float64_backbone(hidden_layer=2, dtype=torch.float32, num_layers=3, deepstack_visual_indexes=(0, 1))
@@ -106,10 +106,11 @@ def test_compiled_columns_equal_reference():
         for k in ("logits", "hidden", "latent_inputs", "loss", "grads"):
             assert diff[k] < 2e-5, (k, diff)
     assert bb.compile_columns is True
-    # graphs are shared by every layer and column (dynamic shapes, parameters as inputs): 3 layers x 7 columns x
-    # (forward) were compiled into a handful of graphs, not one per layer or column length
+    # every column of a batch has the same shapes: 7 columns ran on two graphs (the first batch's, then one with
+    # dynamic shapes after the second batch changed them), not one per column or layer
     stats = torch._dynamo.utils.counters["stats"]
-    assert stats["calls_captured"] >= 2 and stats["unique_graphs"] <= 4, dict(stats)
+    print(dict(stats))
+    assert stats["unique_graphs"] <= 2, dict(stats)
 
 
 def test_stage0_equals_transformers_forward():
