@@ -121,3 +121,15 @@ def test_spawned_workers_cover_each_frame_once(root):
     got = [(s["meta"]["file_path"], s["meta"]["episode_id"], s["meta"]["step"])
            for b in make_dataloader(ds, batch_size=4, num_workers=2) for s in b]
     assert sorted(got) == ref
+
+
+def test_persistent_workers_reshuffle_every_epoch_like_fresh_workers(root):
+    "Workers kept across epochs advance their own epoch: the same frames, order and reasoning as respawned ones."
+    def passes(persistent):
+        loader = make_dataloader(make(root, train=True, seed=3, reasoning_dropout_prob=0.5), batch_size=4,
+                                 num_workers=2, persistent_workers=persistent)
+        return [[(s["meta"]["episode_id"], s["meta"]["step"], sorted(s["reasoning"])) for b in loader for s in b]
+                for _ in range(3)]
+    kept, fresh = passes(True), passes(False)
+    assert kept == fresh
+    assert kept[0] != kept[1] != kept[2]  # reshuffled (and reasoning dropped differently) every epoch
