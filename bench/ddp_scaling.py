@@ -1,0 +1,87 @@
+"""Data-parallel scaling of training: samples/s on N processes / (N x samples/s on one), measured with the trainer of
+`nbs/train.ipynb` (`ecot.build.main`, what `ecot-train` runs) under `accelerate launch` with DDP, plus the share of
+each step spent waiting for data. Throughput is the median `samples_per_s` of the logged windows after `--skip`
+steps (compilation and warm-up excluded), read from each run's `metrics.jsonl`.
+
+    python bench/ddp_scaling.py --config qwen3vl2b_random --stage 0 --steps 80     # GPUs: 1 and 2 processes
+    python bench/ddp_scaling.py --config tiny --steps 12 --skip 4 --batch-size 2    # CPU smoke run (gloo)
+    python bench/ddp_scaling.py --nproc 1 --out runs/scaling; python bench/ddp_scaling.py --out runs/scaling --reuse
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def launch(nproc: int, run_dir: Path, a) -> None:
+    "One training run on `nproc` processes; this file is the per-process program (`--worker`)."
+    train = ["--config", a.config, "--stage", str(a.stage), "--max-steps", str(a.steps), "--run-dir", str(run_dir),
+             "--wandb-mode", "disabled", "--override", f"trainer.logging_frequency={a.log_every}"]
+    if a.batch_size:
+        train += ["--batch-size", str(a.batch_size)]
+    if torch.cuda.is_available():
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", str(nproc)]
+    else:  # CPU processes with gloo (accelerate's MULTI_CPU launcher runs one process on one machine)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    cmd += ["--main_process_port" if torch.cuda.is_available() else "--master_port", str(29500 + nproc), __file__,
+            "--worker", *train]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def summary(run_dir: Path, skip: int) -> dict:
+    "Steady-state throughput and data share of one run, from its metrics.jsonl."
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    recs = [r for r in recs if "samples_per_s" in r and r["step"] > skip]
+    if not recs:
+        raise SystemExit(f"{run_dir}/metrics.jsonl has no logged window after step {skip}: run more --steps")
+    data = statistics.mean(r["data_time"] for r in recs)
+    model = statistics.mean(r["model_time"] for r in recs)
+    return {"samples_per_s": statistics.median(r["samples_per_s"] for r in recs), "windows": len(recs),
+            "data_share": data / (data + model), "data_ms": 1e3 * data, "model_ms": 1e3 * model}
+
+
+def main():
+    if "--worker" in sys.argv:
+        from ecot.build import main as train
+        train([x for x in sys.argv[1:] if x != "--worker"])
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="qwen3vl2b_random")
+    ap.add_argument("--stage", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--skip", type=int, default=20, help="steps left out of the throughput (compile, warm-up)")
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=None, help="per-process batch (default: the config's)")
+    ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
+    ap.add_argument("--reuse", action="store_true", help="read runs already in --out instead of running them again")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(a.out or tmp)
+        res = {}
+        for n in a.nproc:
+            if not (a.reuse and (out / f"nproc{n}" / "metrics.jsonl").exists()):
+                launch(n, out / f"nproc{n}", a)
+            res[n] = summary(out / f"nproc{n}", a.skip)
+            print(f"{n} process(es): {json.dumps(res[n])}", flush=True)
+    base = res[min(res)]
+    print(f"\n{'processes':>9} {'samples/s':>10} {'scaling efficiency':>19} {'data wait / step':>17}")
+    for n, r in res.items():
+        eff = r["samples_per_s"] / (n / min(res) * base["samples_per_s"])
+        print(f"{n:>9} {r['samples_per_s']:>10.1f} {eff:>18.1%} {r['data_share']:>16.1%}")
+    print("targets: scaling efficiency >= 90% on 2 GPUs; data wait < 5% of the step")
+
+
+if __name__ == "__main__":
+    main()
