@@ -282,3 +282,23 @@ def test_predict_action_with_collator(processor, tmp_path):
     assert len(loaded.processor.tokenizer) == len(processor.tokenizer)
     np.testing.assert_array_equal(loaded.predict_action(obs["image"], obs["lang"], obs["state"], seed=1)["actions"],
                                   a["actions"])
+
+
+def test_compiled_blocks_reuse_one_graph_across_lengths_and_batch_sizes():
+    "compile_blocks (forced on CPU): equal to eager, and new lengths / batch sizes compile nothing new."
+    import torch._dynamo
+    torch._dynamo.reset()
+    bb = _float64_backbone(dtype=torch.float32, num_layers=3, deepstack_visual_indexes=(0, 1)).train()
+    bb.compile_blocks()
+    shapes = [((3, 5, 4), (4, 2, 5)), ((3, 5, 4), (9, 9, 9)), ((3, 5), (4, 4)), ((2, 2, 2, 2), (5, 1, 3, 8))]
+    for prefix_lens, suffix_lens in shapes:  # every batch is padded (ragged rows): one graph serves them all
+        b = _float64_batch(bb.vlm, think_counts=[0] * len(prefix_lens), prefix_lens=prefix_lens,
+                           suffix_lens=suffix_lens, stage=0)
+        kw = {k: v for k, v in b.items() if k not in ("stage", "meta", "think_start", "think_counts")}
+        out = bb(**kw, return_logits=True)
+        with torch.compiler.set_stance("force_eager"):
+            ref = bb(**kw, return_logits=True)
+        real = b["attention_mask"].bool()
+        torch.testing.assert_close(out.logits[real], ref.logits[real], rtol=1e-4, atol=1e-4)
+        out.vlm_loss.backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, dict(torch._dynamo.utils.counters["stats"])
