@@ -133,3 +133,13 @@ def test_persistent_workers_reshuffle_every_epoch_like_fresh_workers(root):
     kept, fresh = passes(True), passes(False)
     assert kept == fresh
     assert kept[0] != kept[1] != kept[2]  # reshuffled (and reasoning dropped differently) every epoch
+
+
+def test_loader_leaves_the_global_rng_alone(root):
+    "Epochs start in the trainer's collation thread: the loader must not draw from the global RNG (noise draws)."
+    import torch
+    state = torch.random.get_rng_state()
+    loader = make_dataloader(make(root, train=True, seed=1), batch_size=4)
+    for _ in range(2):
+        assert sum(map(len, loader)) > 0
+    assert torch.equal(torch.random.get_rng_state(), state)
