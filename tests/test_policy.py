@@ -89,10 +89,17 @@ def test_latent_forward_equals_naive_reference(case, impl):
     assert diff["passes"] == 1 + max(spec["batch"]["think_counts"]) + 1
 
 
-def test_compiled_columns_equal_reference():
-    "The torch.compile'd column stack (what runs on CUDA), forced on CPU: == reference in float32; graph reused."
+def _fresh_dynamo_stats():
+    "Dynamo as in a new process, and its graph counters (`reset()` keeps them: earlier tests' graphs would count)."
     import torch._dynamo
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return torch._dynamo.utils.counters["stats"]
+
+
+def test_compiled_columns_equal_reference():
+    "The torch.compile'd column stack (what runs on CUDA), forced on CPU: == reference in float32; graph reused."
+    stats = _fresh_dynamo_stats()
     bb = _float64_backbone(hidden_layer=2, dtype=torch.float32, num_layers=3, deepstack_visual_indexes=(0, 1))
     bb.compile_columns = True
     bb.train()  # the training step is what the compiled path is for (dropout 0 in this config)
@@ -108,7 +115,6 @@ def test_compiled_columns_equal_reference():
     assert bb.compile_columns is True
     # every column of a batch has the same shapes: 7 columns ran on two graphs (the first batch's, then one with
     # dynamic shapes after the second batch changed them), not one per column or layer
-    stats = torch._dynamo.utils.counters["stats"]
     print(dict(stats))
     assert stats["unique_graphs"] <= 2, dict(stats)
 
@@ -286,8 +292,7 @@ def test_predict_action_with_collator(processor, tmp_path):
 
 def test_compiled_blocks_reuse_one_graph_across_lengths_and_batch_sizes():
     "compile_blocks (forced on CPU): equal to eager, and new lengths / batch sizes compile nothing new."
-    import torch._dynamo
-    torch._dynamo.reset()
+    stats = _fresh_dynamo_stats()
     bb = _float64_backbone(dtype=torch.float32, num_layers=3, deepstack_visual_indexes=(0, 1)).train()
     bb.compile_blocks()
     shapes = [((3, 5, 4), (4, 2, 5)), ((3, 5, 4), (9, 9, 9)), ((3, 5), (4, 4)), ((2, 2, 2, 2), (5, 1, 3, 8))]
@@ -301,4 +306,4 @@ def test_compiled_blocks_reuse_one_graph_across_lengths_and_batch_sizes():
         real = b["attention_mask"].bool()
         torch.testing.assert_close(out.logits[real], ref.logits[real], rtol=1e-4, atol=1e-4)
         out.vlm_loss.backward()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, dict(torch._dynamo.utils.counters["stats"])
+    assert stats["unique_graphs"] == 1, dict(stats)
