@@ -154,11 +154,12 @@ class FlowMatchingActionHead(nn.Module):
 
     @torch.no_grad()
     def predict_action(self, vlm_hidden, vlm_mask, state=None, num_steps: Optional[int] = None,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        "Euler integration of the velocity from noise (t = 0) to actions (t = 1): (B, chunk_len, action_dim)."
+                       generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        "Euler integration of the velocity from `noise` (drawn from `generator` if not given; t = 0) to actions (t = 1)."
         n = int(num_steps or self.num_inference_steps)
         B = vlm_hidden.shape[0]
-        x = torch.randn(B, self.chunk_len, self.action_dim, generator=generator, device=vlm_hidden.device)
+        x = (torch.randn(B, self.chunk_len, self.action_dim, generator=generator, device=vlm_hidden.device)
+             if noise is None else noise.float())
         for i in range(n):
             t = torch.full((B,), i / n, device=x.device)
             x = x + self.velocity(x, t, vlm_hidden, vlm_mask, state).float() / n

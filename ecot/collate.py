@@ -21,7 +21,7 @@ from .render import THINKING_TOKENS, ThinkingTokens, check_stage, check_think_co
 
 # %% auto #0
 __all__ = ['BATCH_KEYS', 'SAMPLE_KEYS', 'TOY_REASONING', 'ROLES', 'mrope_position_ids', 'ECoTCollator', 'check_samples',
-           'stack_robot_data', 'stack_eos', 'toy_sample', 'token_roles', 'masked_share']
+           'stack_robot_data', 'stack_states', 'stack_eos', 'toy_sample', 'token_roles', 'masked_share']
 
 # %% ../nbs/07_collate.ipynb #ced0a0df
 class _RopeIndexHost:
@@ -100,15 +100,12 @@ class ECoTCollator:
         prompts, pixel_values, grid, prompt_mm = self._encode_prompts(samples)
         rows, labels, mm_rows, anchors, counts, metas = [], [], [], [], [], []
         for s, prompt, mm in zip(samples, prompts, prompt_mm):
-            rendered = self.render(s["reasoning"])
-            span = [self.start_id] + [self.think_id] * rendered.n_thinking + [self.end_id] if self.stage else []
-            text = self.tokenizer(rendered.text, add_special_tokens=False)["input_ids"] if rendered.text else []
-            supervised, cut = self._fit(prompt, span, text + [self.im_end_id], s)
+            span, supervised, cut = self._answer(s, prompt)
             rows.append(prompt + span + supervised)
             labels.append([-100] * (len(prompt) + len(span)) + supervised)
             mm_rows.append(mm + [0] * (len(span) + len(supervised)))
             anchors.append(len(prompt) + 1 if self.stage else 0)  # column of the first <|thinking|>
-            counts.append(rendered.n_thinking if self.stage else 0)
+            counts.append(len(span) - 2 if self.stage else 0)
             metas.append({**dict(s.get("meta") or {}), "truncated_tokens": cut})
         batch = self._pad(rows, labels, mm_rows, anchors)
         batch["position_ids"] = mrope_position_ids(batch["input_ids"], batch["mm_token_type_ids"], grid,
@@ -119,6 +116,34 @@ class ECoTCollator:
                      **stack_robot_data(samples), meta=metas)
         eos = stack_eos(samples, batch["actions"].shape[1])
         return {**{k: batch[k] for k in BATCH_KEYS}, **eos}
+
+    def prompts(self, samples: Sequence[Mapping], pad_to_multiple_of: int = 1) -> dict[str, Any]:
+        """The inference side of `__call__`: each prompt (plus `<|start_of_thinking|>` at stage >= 1) left-padded
+        so that every row ends in the last column (the width a multiple of `pad_to_multiple_of`), and
+        `text_ids`: the tokens training supervises after the thinking span (the rendered reasoning text and
+        `<|im_end|>`), for teacher forcing. Samples need `image` and `lang`; `reasoning`, `state`, `meta` optional."""
+        check_samples(samples, keys=("image", "lang"))
+        prompts, pixel_values, grid, prompt_mm = self._encode_prompts(samples)
+        head = [self.start_id] if self.stage else []
+        rows = [p + head for p in prompts]
+        text_ids = [self._answer(s, p)[1] for s, p in zip(samples, prompts)]
+        m = max(1, int(pad_to_multiple_of))
+        width = -(-max(map(len, rows)) // m) * m
+        batch = self._pad(rows, [[-100] * len(r) for r in rows], [mm + [0] * len(head) for mm in prompt_mm],
+                          [len(r) for r in rows], anchor_col=width)
+        batch["position_ids"] = mrope_position_ids(batch["input_ids"], batch["mm_token_type_ids"], grid,
+                                                   batch["attention_mask"], self.spatial_merge_size)
+        batch.pop("labels")
+        return dict(batch, pixel_values=pixel_values, image_grid_thw=grid, states=stack_states(samples),
+                    stage=self.stage, text_ids=text_ids, meta=[dict(s.get("meta") or {}) for s in samples])
+
+    def _answer(self, sample: Mapping, prompt: list) -> tuple[list, list, int]:
+        "The assistant side of one row: (thinking span, supervised tokens, number of tokens cut to fit)."
+        rendered = self.render(sample.get("reasoning") or {})
+        span = [self.start_id] + [self.think_id] * rendered.n_thinking + [self.end_id] if self.stage else []
+        text = self.tokenizer(rendered.text, add_special_tokens=False)["input_ids"] if rendered.text else []
+        supervised, cut = self._fit(prompt, span, text + [self.im_end_id], sample)
+        return span, supervised, cut
 
     def _encode_prompts(self, samples):
         "Token ids and image-token types of every prompt (images expanded) plus the batch's pixel values and grids."
@@ -144,9 +169,10 @@ class ECoTCollator:
             self.n_truncated_tokens += cut
         return supervised[:len(supervised) - cut], cut
 
-    def _pad(self, rows, labels, mm_rows, anchors) -> dict[str, torch.Tensor]:
-        "Left-pad each row so its anchor lands in the same column (stage >= 1), right-pad to the longest row."
-        left = [max(anchors) - a for a in anchors]
+    def _pad(self, rows, labels, mm_rows, anchors, anchor_col: Optional[int] = None) -> dict[str, torch.Tensor]:
+        "Left-pad each row so its anchor lands in one column (`anchor_col`, default the largest anchor), right-pad."
+        anchor_col = max(anchors) if anchor_col is None else anchor_col
+        left = [anchor_col - a for a in anchors]
         B, L = len(rows), max(l + len(r) for l, r in zip(left, rows))
         ids = torch.full((B, L), self.pad_id, dtype=torch.long)
         lab = torch.full((B, L), -100, dtype=torch.long)
@@ -163,18 +189,18 @@ BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_gr
 SAMPLE_KEYS = ("image", "lang", "reasoning", "action")
 
 
-def check_samples(samples: Sequence[Mapping]) -> None:
-    "Raise a clear error for an empty batch or a sample without the keys the collator reads."
+def check_samples(samples: Sequence[Mapping], keys: Sequence[str] = SAMPLE_KEYS) -> None:
+    "Raise a clear error for an empty batch or a sample without the `keys` the collator reads."
     if not samples:
         raise ValueError("empty batch: expected at least one sample")
     for i, s in enumerate(samples):
-        missing = [k for k in SAMPLE_KEYS if k not in s]
+        missing = [k for k in keys if k not in s]
         where = f"sample {i} ({dict(s.get('meta') or {})})"
         if missing:
-            raise KeyError(f"{where} has no {missing}: expected keys {SAMPLE_KEYS} (+ action_mask, state, meta)")
+            raise KeyError(f"{where} has no {missing}: expected keys {tuple(keys)} (+ action_mask, state, meta)")
         if not isinstance(s["image"], (list, tuple)) or not s["image"]:
             raise ValueError(f"{where}: 'image' must be a non-empty list of PIL images (one per view)")
-        if not isinstance(s["reasoning"], Mapping):
+        if "reasoning" in s and not isinstance(s["reasoning"], Mapping):
             raise TypeError(f"{where}: 'reasoning' must be a dict tag -> text, got {type(s['reasoning']).__name__}")
 
 
@@ -187,14 +213,17 @@ def stack_robot_data(samples: Sequence[Mapping]) -> dict[str, Optional[torch.Ten
     masks = [s.get("action_mask") for s in samples]
     action_mask = torch.as_tensor(np.stack([np.ones(actions.shape[1], bool) if m is None else np.asarray(m, bool)
                                             for m in masks]))
+    return dict(actions=actions, action_mask=action_mask, states=stack_states(samples))
+
+
+def stack_states(samples: Sequence[Mapping]) -> Optional[torch.Tensor]:
+    "states (B, dim) float32, or None when no sample has one."
     states = [s.get("state") for s in samples]
     if all(x is None for x in states):
-        st = None
-    elif any(x is None for x in states):
+        return None
+    if any(x is None for x in states):
         raise ValueError("some samples have a state and some do not: expected all or none (load_proprio)")
-    else:
-        st = torch.as_tensor(np.stack([np.asarray(x, np.float32) for x in states]))
-    return dict(actions=actions, action_mask=action_mask, states=st)
+    return torch.as_tensor(np.stack([np.asarray(x, np.float32) for x in states]))
 
 
 def stack_eos(samples: Sequence[Mapping], chunk_len: int) -> dict[str, torch.Tensor]:
