@@ -18,7 +18,8 @@ import torch
 from .collate import ECoTCollator
 from .config import TINY_VLM, Config, check_paths, load_config, resolve_path, with_stage
 from .dataset import ECoTRLDSDataset, make_dataloader
-from .policy import ECoTPolicy, collator_batch_builder
+from .inference import ActingSpec
+from .policy import ECoTPolicy
 from .processor import load_processor
 from .render import stage_at
 from .synthetic import embedded_dataset
@@ -26,8 +27,8 @@ from .trainer import Trainer, seed_everything
 
 # %% auto #0
 __all__ = ['EOS_KEYS', 'PARAMETER_KEYS', 'data_root', 'build_dataset', 'build_loader', 'plain_statistics', 'build_processor',
-           'build_collator', 'build_policy', 'compile_model', 'stage_fn', 'Run', 'build_run', 'default_run_dir',
-           'run_config', 'main']
+           'acting_spec', 'build_collator', 'build_policy', 'compile_model', 'stage_fn', 'Run', 'build_run',
+           'save_policy', 'default_run_dir', 'run_config', 'main']
 
 # %% ../nbs/16_build.ipynb #01bee9f1
 def data_root(cfg: Config) -> Path:
@@ -70,12 +71,19 @@ def build_processor(cfg: Config, dataset: Optional[ECoTRLDSDataset] = None):
                           reasoning_json=rj)
 
 
+def acting_spec(cfg: Config, stage: Optional[int] = None) -> ActingSpec:
+    "The layout and frame transform of the run (at its starting stage unless `stage`): what the policy acts with."
+    lr, e = cfg.framework.latent_reasoning, cfg.ecot
+    return ActingSpec(stage=stage_fn(cfg)(0) if stage is None else stage, thinking_token_count=e.thinking_token_count,
+                      tag2think_count=e.tag2think_count, model_max_length=cfg.framework.qwenvl.model_max_length,
+                      tokens=(lr.start_of_thinking_token, lr.thinking_token, lr.end_of_thinking_token),
+                      image_size=tuple(cfg.datasets.vla_data.image_size), lower_case_instruction=e.lower_case_instruction,
+                      reasoning_dropout_prob=e.reasoning_dropout_prob)
+
+
 def build_collator(cfg: Config, processor) -> ECoTCollator:
     "The collator at the run's starting stage (the trainer moves it along the curriculum)."
-    lr, e = cfg.framework.latent_reasoning, cfg.ecot
-    return ECoTCollator(processor, stage=stage_fn(cfg)(0), thinking_token_count=e.thinking_token_count,
-                        tag2think_count=e.tag2think_count, model_max_length=cfg.framework.qwenvl.model_max_length,
-                        tokens=(lr.start_of_thinking_token, lr.thinking_token, lr.end_of_thinking_token))
+    return acting_spec(cfg).collator(processor)
 
 
 EOS_KEYS = ("use_eos_classification", "eos_loss", "eos_buffer_capacity", "eos_sample_positive", "eos_sample_negative",
@@ -83,8 +91,7 @@ EOS_KEYS = ("use_eos_classification", "eos_loss", "eos_buffer_capacity", "eos_sa
             "eos_pos_weight", "eos_focal_alpha", "eos_focal_gamma")
 
 
-def build_policy(cfg: Config, processor, dataset_statistics: Optional[dict] = None,
-                 collator: Optional[ECoTCollator] = None) -> ECoTPolicy:
+def build_policy(cfg: Config, processor, dataset_statistics: Optional[dict] = None) -> ECoTPolicy:
     "The policy: Qwen3-VL (tiny preset or local weights) + flow-matching action head, from `framework`."
     f, am = cfg.framework, cfg.framework.action_model
     base = f.qwenvl.base_vlm if f.qwenvl.base_vlm == TINY_VLM else str(resolve_path(f.qwenvl.base_vlm))
@@ -98,9 +105,7 @@ def build_policy(cfg: Config, processor, dataset_statistics: Optional[dict] = No
         repeated_diffusion_steps=cfg.trainer.repeated_diffusion_steps,
         compute_language_loss=f.latent_reasoning.compute_language_loss,
         vlm_loss_weight=f.latent_reasoning.vlm_loss_weight, dataset_statistics=dataset_statistics,
-        **{k: getattr(am, k) for k in EOS_KEYS})
-    if collator is not None:
-        policy.batch_builder = collator_batch_builder(collator, am.action_dim, chunk_len)
+        acting=acting_spec(cfg), **{k: getattr(am, k) for k in EOS_KEYS})
     compile_model(policy, f.qwenvl.compile)
     return policy
 
@@ -150,8 +155,20 @@ def build_run(cfg: Config) -> Run:
     dataset = build_dataset(cfg)
     processor = build_processor(cfg, dataset)
     collator = build_collator(cfg, processor)
-    policy = build_policy(cfg, processor, plain_statistics(dataset.statistics), collator)
+    policy = build_policy(cfg, processor, plain_statistics(dataset.statistics))
     return Run(cfg, dataset, build_loader(cfg, dataset), processor, collator, policy)
+
+
+def save_policy(run: Run, trainer: Trainer) -> Optional[Path]:
+    """`<run_dir>/policy/` (written atomically by the main process) at the stage the run ended at, once training
+    reached `max_train_steps`; None for a run that stopped early (resume it to finish)."""
+    if trainer.interrupted or trainer.step < run.cfg.trainer.max_train_steps:
+        return None
+    path = trainer.run_dir / "policy"
+    if trainer.acc.is_main_process:
+        run.policy.save_pretrained(path, stage=trainer.stage)
+    trainer.acc.wait_for_everyone()
+    return path
 
 
 def default_run_dir(cfg: Config, stage: Optional[int] = None) -> Path:
@@ -189,4 +206,6 @@ def main(argv=None):
     a = ap.parse_args(argv)
     cfg = run_config(a.config, a.stage, a.override, **{k: getattr(a, k) for k in PARAMETER_KEYS})
     run = build_run(cfg)
-    run.trainer(a.run_dir or default_run_dir(cfg)).train(resume=a.resume)
+    trainer = run.trainer(a.run_dir or default_run_dir(cfg))
+    trainer.train(resume=a.resume)
+    save_policy(run, trainer)

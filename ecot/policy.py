@@ -8,10 +8,12 @@ Docs: https://ecot-dev.github.io/ecot/policy.html.md"""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import replace
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,91 +24,21 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from .action_head import FlowMatchingActionHead
 from .backbone import (TINY_VLM, QwenVLBackbone, build_qwen3vl, resolve_attn_implementation)
 from .eos import EOSBufferManager, EOSObjective
+from .inference import (ActingSpec, Reasoner, action_statistics, dataset_statistics_of, observation_sample,
+                            parse_reasoning, unnormalize_actions)
 
 # %% auto #0
-__all__ = ['action_statistics', 'unnormalize_actions', 'inference_prefix', 'collator_batch_builder', 'append_generated',
-           'ECoTPolicy']
-
-# %% ../nbs/11_policy.ipynb #352ed229
-def action_statistics(stats: dict, unnorm_key: Optional[str] = None) -> dict:
-    "The `action` statistics of one dataset from `dataset_statistics.json` content (or an `action` dict itself)."
-    if "action" in stats:
-        return stats["action"]
-    if unnorm_key is None:
-        if len(stats) != 1:
-            raise ValueError(f"dataset statistics hold {sorted(stats)}: pass unnorm_key to choose one")
-        unnorm_key = next(iter(stats))
-    if unnorm_key not in stats or "action" not in stats[unnorm_key]:
-        raise KeyError(f"unnorm_key = {unnorm_key!r}: no action statistics; available: {sorted(stats)}")
-    return stats[unnorm_key]["action"]
-
-
-def unnormalize_actions(x, stats: dict, clip: bool = True) -> np.ndarray:
-    "Normalised actions (..., D) in [-1, 1] -> robot units: a = (x+1)/2·(q99−q01)+q01 on masked dims, others raw."
-    x = np.asarray(x, dtype=np.float64)
-    for k in ("q01", "q99"):
-        if k not in stats:
-            raise KeyError(f"action statistics lack {k!r} (have {sorted(stats)}): BOUNDS_Q99 needs q01 and q99")
-    q01, q99 = np.asarray(stats["q01"], dtype=np.float64), np.asarray(stats["q99"], dtype=np.float64)
-    if q01.shape[-1] != x.shape[-1]:
-        raise ValueError(f"action statistics have {q01.shape[-1]} dims, actions have {x.shape[-1]}")
-    mask = np.asarray(stats.get("mask", [True] * (x.shape[-1] - 1) + [False]), dtype=bool)
-    if clip:
-        x = np.clip(x, -1.0, 1.0)
-    return np.where(mask, (x + 1) / 2 * (q99 - q01) + q01, x).astype(np.float32)
-
-# %% ../nbs/11_policy.ipynb #73819ca4
-_SEQ_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
-
-
-def inference_prefix(batch: dict) -> dict:
-    "The batch cut before the first column any row supervises (the answer the model should generate)."
-    sup = (batch["labels"] != -100).any(0).nonzero()
-    if len(sup) == 0:
-        return batch
-    cut = int(sup[0])
-    out = dict(batch)
-    for k in _SEQ_KEYS:
-        if batch.get(k) is not None:
-            out[k] = batch[k][:, :cut]
-    out["position_ids"] = batch["position_ids"][:, :, :cut]
-    return out
-
-
-def collator_batch_builder(collate: Callable[[list[dict]], dict], action_dim: int, chunk_len: int,
-                           meta: Optional[dict] = None) -> Callable:
-    "A `batch_builder(images, instruction, state)` from a collator callable on a list of samples (BATCH.md)."
-    def build(images, instruction, state=None) -> dict:
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        sample = {"image": images, "lang": instruction, "reasoning": {},
-                  "action": np.zeros((chunk_len, action_dim), np.float32),
-                  "action_mask": np.ones(chunk_len, bool),
-                  "state": None if state is None else np.asarray(state, np.float32),
-                  "meta": dict(meta or {}, dataset="inference", file_path="", episode_id=0, step=0)}
-        return inference_prefix(collate([sample]))
-    return build
-
-
-def append_generated(batch: dict, new_ids: torch.Tensor, stop_ids: Sequence[int] = ()) -> dict:
-    "`batch` extended by generated tokens (B, N): masked after each row's first stop token, positions continuing."
-    B, N = new_ids.shape
-    stop = torch.isin(new_ids, torch.as_tensor(list(stop_ids), dtype=new_ids.dtype, device=new_ids.device))
-    keep = (stop.long().cumsum(1) - stop.long()) == 0  # up to and including the first stop token
-    start = batch["position_ids"][:, :, -1].max(0).values + 1  # (B,) text continues after the last column
-    pos = (start[:, None] + torch.arange(N, device=new_ids.device)).expand(3, B, N)
-    out = dict(batch, input_ids=torch.cat([batch["input_ids"], new_ids], 1),
-               attention_mask=torch.cat([batch["attention_mask"], keep.to(batch["attention_mask"].dtype)], 1),
-               position_ids=torch.cat([batch["position_ids"], pos.to(batch["position_ids"].dtype)], 2))
-    if batch.get("labels") is not None:
-        out["labels"] = torch.cat([batch["labels"], torch.full_like(new_ids, -100)], 1)
-    if batch.get("mm_token_type_ids") is not None:
-        out["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"],
-                                              torch.zeros_like(new_ids, dtype=batch["mm_token_type_ids"].dtype)], 1)
-    return out
+__all__ = ['fsync_tree', 'ECoTPolicy']
 
 # %% ../nbs/11_policy.ipynb #c88886ef
-_TENSOR_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "position_ids",
-                "think_counts", "actions", "action_mask", "states")
+def fsync_tree(root: Path, recursive: bool = True):
+    "fsync every file and folder under `root` (only `root` itself with `recursive=False`)."
+    for p in (sorted(root.rglob("*")) if recursive else []) + [root]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class ECoTPolicy(nn.Module):
@@ -118,7 +50,7 @@ class ECoTPolicy(nn.Module):
                  noise_beta_alpha: float = 1.5, noise_beta_beta: float = 1.0, noise_s: float = 0.999,
                  repeated_diffusion_steps: int = 4, compute_language_loss: bool = True,
                  vlm_loss_weight: float = 0.1, seed: int = 0, processor=None,
-                 batch_builder: Optional[Callable] = None, dataset_statistics: Optional[dict] = None,
+                 acting: Optional[ActingSpec | Mapping] = None, dataset_statistics: Optional[dict] = None,
                  use_eos_classification: bool = False, eos_loss: str = "buffer", eos_buffer_capacity: int = 50,
                  eos_sample_positive: int = 15, eos_sample_negative: int = 20, eos_min_positive: int = 15,
                  eos_min_negative: int = 20, eos_hidden_dim: int = 1024, eos_dropout: float = 0.1,
@@ -158,7 +90,10 @@ class ECoTPolicy(nn.Module):
         self.lambda_eos, self.eos_input = lambda_eos, eos_input
         self.repeated_diffusion_steps, self.compute_language_loss = repeated_diffusion_steps, compute_language_loss
         self.vlm_loss_weight = vlm_loss_weight
-        self.processor, self.batch_builder, self.dataset_statistics = processor, batch_builder, dataset_statistics
+        self.processor, self.dataset_statistics = processor, dataset_statistics
+        self.acting = acting if isinstance(acting, ActingSpec) else ActingSpec.from_dict(acting or {})
+        self.cuda_graphs = True  # inference steps as CUDA graphs on CUDA (see ecot.inference)
+        self._reasoner: Optional[Reasoner] = None
 
     @classmethod
     def build(cls, base_vlm: str = TINY_VLM, tokenizer=None, attn_implementation: str = "sdpa",
@@ -170,11 +105,6 @@ class ECoTPolicy(nn.Module):
         if "processor" not in kwargs and tokenizer is not None and hasattr(tokenizer, "tokenizer"):
             kwargs["processor"] = tokenizer  # a processor was given: keep it for saving and decoding
         return cls(vlm, seed=seed, **kwargs)
-
-    def set_collator(self, collate: Callable[[list[dict]], dict]) -> "ECoTPolicy":
-        "Use a collator (e.g. `ecot.collate.ECoTCollator`, at the stage to act in) to build inference batches."
-        self.batch_builder = collator_batch_builder(collate, self.hparams["action_dim"], self.hparams["chunk_len"])
-        return self
 
     @property
     def device(self) -> torch.device: return next(self.parameters()).device
@@ -245,63 +175,91 @@ class ECoTPolicy(nn.Module):
         return self.eos(hidden, batch["eos"], mask)
 
     @torch.no_grad()
-    def predict_action(self, images, instruction, state=None, seed: int = 0, num_steps: Optional[int] = None,
-                       decode_reasoning: bool = False, max_new_tokens: int = 64, unnorm_key: Optional[str] = None,
+    def predict_action(self, images, instruction, state=None, seed: int | Sequence[int] = 0,
+                       num_steps: Optional[int] = None, with_reasoning: bool = True,
+                       max_new_tokens: Optional[int] = None, unnorm_key: Optional[str] = None,
                        clip: bool = True) -> dict[str, Any]:
-        "Action chunk(s) for an observation: `actions` (robot units when statistics are known), `normalized_actions`."
-        if self.batch_builder is None:
-            raise ValueError("predict_action needs batch_builder(images, instruction, state) -> batch; pass one to the "
-                             "constructor or from_pretrained (collator_batch_builder(collator) adapts a collator)")
+        """Act as trained: reason (latent columns, then text), then the action chunk (see `ecot.inference`).
+
+        One observation: `images` a camera view (uint8 (H, W, 3) array or PIL image) or a list of views,
+        `instruction` a str, `state` the raw robot state. A batch: a list of each, one entry per row. `seed` fixes
+        the action head's noise (an int: the same for every row, so each row gets what it would alone)."""
+        spec, batched = self.acting, isinstance(instruction, (list, tuple))
+        if batched:
+            states = [None] * len(instruction) if state is None else list(state)
+            for name, v in (("images", images), ("state", states)):
+                if len(v) != len(instruction):
+                    raise ValueError(f"{name}: {len(v)} entries for {len(instruction)} instructions (one per row)")
+        rows = list(zip(images, instruction, states)) if batched else [(images, instruction, state)]
+        batch = self.observation_batch(rows, unnorm_key)
+        decode = with_reasoning and bool(spec.text_tags)
+        if not with_reasoning and spec.text_tags and spec.reasoning_dropout_prob <= 0:
+            raise ValueError(f"with_reasoning = False: this policy was trained at stage {spec.stage} with the text of "
+                             f"{list(spec.text_tags)} in every row (reasoning_dropout_prob = 0); acting without it "
+                             "would show the action head a layout it never saw. Train with reasoning dropout to allow it")
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(rows)
+        if len(seeds) != len(rows):
+            raise ValueError(f"seed: {len(seeds)} seeds for {len(rows)} observations")
+        shape = (self.hparams["chunk_len"], self.hparams["action_dim"])
+        noise = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         was_training = self.training
         self.eval()
         try:
-            batch = self._to_device(self.batch_builder(images, instruction, state))
-            out = {}
-            if decode_reasoning:  # ECoT inference: reason first, then act conditioned on the reasoning
-                out.update(self.decode_reasoning(batch, max_new_tokens))
-                batch = append_generated(batch, out["reasoning_ids"].to(self.device), self._stop_ids())
-            vlm = self.run_backbone(batch, with_labels=False)
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            pred = self.action_head.predict_action(vlm.hidden_states, batch["attention_mask"], batch.get("states"),
-                                                   num_steps=num_steps, generator=gen)
-            norm = pred.cpu().numpy()
-            out.update(normalized_actions=norm, path=vlm.path)
-            if self.eos is not None:  # the head read at the predicted chunk, as in training at the true one
-                hidden = self.eos_hidden(vlm.hidden_states, batch["attention_mask"], pred, batch.get("states"))
-                out["eos_probs"] = self.eos.probabilities(hidden).float().cpu().numpy()
-            out["actions"] = (unnormalize_actions(norm, action_statistics(self.dataset_statistics, unnorm_key), clip)
-                              if self.dataset_statistics else norm)
+            r = self.reasoner(batch, spec.n_thinking, spec.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                              noise, num_steps, decode=decode)
         finally:
             self.train(was_training)
+        tok = self.processor.tokenizer
+        text = [tok.decode(t, skip_special_tokens=True) for t in r.token_ids]
+        norm = r.outputs["normalized_actions"].float().cpu().numpy()
+        stats = self.dataset_statistics
+        out = {"actions": unnormalize_actions(norm, action_statistics(stats, unnorm_key), clip) if stats else norm,
+               "normalized_actions": norm, "reasoning": [parse_reasoning(t, spec.tags) for t in text],
+               "reasoning_text": text, "truncated": r.truncated, "stage": spec.stage, "n_columns": r.n_columns,
+               "path": "latent" if spec.stage else "single"}
+        if "eos_probs" in r.outputs:
+            out["eos_probs"] = r.outputs["eos_probs"].float().cpu().numpy()
         return out
 
-    def _stop_ids(self) -> list[int]:
-        tok = getattr(self.processor, "tokenizer", self.processor)
-        return [] if tok is None or tok.eos_token_id is None else [int(tok.eos_token_id)]
+    def observation_batch(self, rows: Sequence[tuple], unnorm_key: Optional[str] = None) -> dict:
+        "(images, instruction, state) rows -> the prompt batch, each row transformed as the dataset did."
+        if self.processor is None:
+            raise ValueError("predict_action needs the policy's processor (saved with it by save_pretrained): pass "
+                             "processor= to ECoTPolicy.build or from_pretrained")
+        state_dim = self.hparams["state_dim"]
+        stats = dataset_statistics_of(self.dataset_statistics, unnorm_key) if self.dataset_statistics else {}
+        if state_dim and "state" not in stats:
+            raise ValueError("this policy reads the robot state but has no `state` statistics to normalise it with "
+                             "(dataset_statistics.json of the run)")
+        for i, (_, _, state) in enumerate(rows):
+            if state_dim and state is None:
+                raise ValueError(f"state of observation {i}: this policy reads a {state_dim}-dim robot state; got None")
+        samples = [observation_sample(im, ins, st if state_dim else None, self.acting, stats.get("state"), state_dim)
+                   for im, ins, st in rows]
+        collator = self.acting.collator(self.processor)
+        return collator.prompts(samples, self.reasoner.pad_to_multiple_of if self.reasoner.graphs_on(self.device) else 1)
 
-    @torch.no_grad()
-    def decode_reasoning(self, batch: dict, max_new_tokens: int = 64) -> dict[str, Any]:
-        "Greedy continuation of the prompt (stage 0): `reasoning_ids` and, with a processor, `reasoning` text."
-        if int(batch.get("stage", 0)) >= 1 and batch.get("think_start") is not None:
-            raise ValueError("decode_reasoning is available at stage 0 only (latent thinking tokens are not decoded)")
-        if not bool(batch["attention_mask"][:, -1].all()):
-            raise ValueError("decode_reasoning needs prompts without right padding (generation appends at the end)")
-        tok = getattr(self.processor, "tokenizer", self.processor)
-        extra = {}
-        if tok is not None:
-            extra = {k: v for k, v in dict(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).items()
-                     if v is not None}
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw",
-                                        "mm_token_type_ids") if batch.get(k) is not None}
-        seq = self.backbone.vlm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
-        new = seq[:, batch["input_ids"].shape[1]:].cpu()
-        out = {"reasoning_ids": new}
-        if tok is not None:
-            out["reasoning"] = tok.batch_decode(new, skip_special_tokens=True)
+    @property
+    def reasoner(self) -> Reasoner:
+        "The inference path over this policy's backbone and heads (built on first use; keeps its CUDA graphs)."
+        if self._reasoner is None or self._reasoner.cuda_graphs != self.cuda_graphs:
+            tok = self.processor.tokenizer
+            ids = lambda t: tok.convert_tokens_to_ids(t)
+            self._reasoner = Reasoner(self.backbone, self._act, ids("<|im_end|>"), ids(self.acting.tokens[2]),
+                                      tok.pad_token_id, [] if tok.eos_token_id is None else [tok.eos_token_id],
+                                      cuda_graphs=self.cuda_graphs)
+        return self._reasoner
+
+    def _act(self, hidden, mask, states, noise, num_steps=None) -> dict:
+        "The action head (and EOS head, read at the predicted chunk as in training at the true one) on VLM columns."
+        pred = self.action_head.predict_action(hidden, mask, states, num_steps, noise=noise)
+        out = {"normalized_actions": pred}
+        if self.eos is not None:
+            out["eos_probs"] = self.eos.probabilities(self.eos_hidden(hidden, mask, pred, states)).float()
         return out
 
-    def save_pretrained(self, path) -> Path:
-        "Write weights, hyper-parameters, VLM config, processor and statistics to `path` (temp dir, then rename)."
+    def save_pretrained(self, path, stage: Optional[int] = None) -> Path:
+        "Write weights, hyper-parameters, acting spec (at `stage` if given), VLM config, processor and statistics to `path`."
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -310,7 +268,8 @@ class ECoTPolicy(nn.Module):
             save_model(self, str(tmp / "model.safetensors"))
             vlm = self.backbone.vlm
             self.backbone.vlm.config.save_pretrained(tmp / "vlm")
-            cfg = dict(self.hparams, attn_implementation=vlm.config._attn_implementation,
+            acting = self.acting if stage is None else replace(self.acting, stage=stage)
+            cfg = dict(self.hparams, acting=acting.to_dict(), attn_implementation=vlm.config._attn_implementation,
                        dtypes={"vlm": str(vlm.dtype).removeprefix("torch."),
                                "action_head": str(next(self.action_head.parameters()).dtype).removeprefix("torch.")})
             (tmp / "policy_config.json").write_text(json.dumps(cfg, indent=2))
@@ -318,18 +277,19 @@ class ECoTPolicy(nn.Module):
                 (tmp / "dataset_statistics.json").write_text(json.dumps(self.dataset_statistics, indent=2))
             if self.processor is not None:
                 self.processor.save_pretrained(str(tmp / "processor"))
+            fsync_tree(tmp)  # on disk before the rename publishes it: a crash leaves the old policy or the new one
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
             if path.exists():
                 path.rename(old)
             tmp.rename(path)
+            fsync_tree(path.parent, recursive=False)
             shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     @classmethod
-    def from_pretrained(cls, path, processor=None, batch_builder: Optional[Callable] = None, device=None,
-                        attn_implementation: Optional[str] = None) -> "ECoTPolicy":
+    def from_pretrained(cls, path, processor=None, device=None, attn_implementation: Optional[str] = None) -> "ECoTPolicy":
         "Reload a `save_pretrained` directory (no hub access): same outputs as the saved policy."
         path = Path(path)
         cfg_file = path / "policy_config.json"
@@ -348,7 +308,7 @@ class ECoTPolicy(nn.Module):
                 processor = AutoProcessor.from_pretrained(str(path / "processor"), local_files_only=True)
         stats_file = path / "dataset_statistics.json"
         stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
-        policy = cls(vlm, processor=processor, batch_builder=batch_builder, dataset_statistics=stats, **cfg)
+        policy = cls(vlm, processor=processor, dataset_statistics=stats, **cfg)
         policy.backbone.vlm.to(getattr(torch, dtypes.get("vlm", "float32")))
         policy.action_head.to(getattr(torch, dtypes.get("action_head", "float32")))
         load_model(policy, str(path / "model.safetensors"), strict=True)

@@ -125,10 +125,10 @@ def _eos_run(overrides):
     proc = build_processor(cfg, ds)
     col = build_collator(cfg, proc)
     stats = plain_statistics(ds.statistics)
-    pol = build_policy(cfg, proc, stats, col)
+    pol = build_policy(cfg, proc, stats)
     if pol.eos is None:
         am = cfg.framework.action_model
-        pol = ECoTPolicy(pol.backbone.vlm, processor=proc, batch_builder=pol.batch_builder, dataset_statistics=stats,
+        pol = ECoTPolicy(pol.backbone.vlm, processor=proc, acting=pol.acting, dataset_statistics=stats,
                          **{**pol.hparams, **{k: getattr(am, k) for k in EOS_KEYS}})
     return Run(cfg, ds, build_loader(cfg, ds), proc, col, pol)
 

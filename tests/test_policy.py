@@ -27,15 +27,6 @@ class ToyTok:
         return 64
 
 
-TOY_TOK_SRC = textwrap.dedent('''
-    class ToyTok:
-        unk_token_id, pad_token_id = None, 50
-        _special = {"<|image_pad|>": 60, "<|video_pad|>": 61, "<|vision_start|>": 62, "<|vision_end|>": 63}
-        def convert_tokens_to_ids(self, t): return self._special.get(t)
-        def __len__(self): return 64
-''')
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     "Tiny models on a shared 2-core machine: intra-op threads cost far more than they save (5-40x here)."
@@ -187,69 +178,73 @@ def test_overfit_one_batch_latent():
     assert after <= 0.1 * before
 
 
-def _builder(vlm, stage=1):
-    return lambda images, instruction, state=None: toy_batch(vlm, think_counts=(2,), prefix_lens=(3,),
-                                                             suffix_lens=(0,), stage=stage, seed=7)
+@pytest.fixture(scope="module")
+def processor():
+    from ecot.processor import load_processor
+    return load_processor("tiny")
 
 
-STATS = {"bridge": {"action": {"q01": [-0.1] * 7, "q99": [0.1] * 7, "mask": [True] * 6 + [False]}}}
+STATS = {"bridge": {"action": {"q01": [-0.1] * 7, "q99": [0.1] * 7, "mask": [True] * 6 + [False]},
+                    "state": {"q01": [-1.0] * 7, "q99": [1.0] * 7}}}
+FRAME = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
 
 
-def test_predict_action_shapes_and_determinism():
-    pol = _policy(dataset_statistics=STATS)
-    pol.batch_builder = _builder(pol.backbone.vlm)
-    a = pol.predict_action(None, "pick up the cup", seed=5)
-    b = pol.predict_action(None, "pick up the cup", seed=5)
-    c = pol.predict_action(None, "pick up the cup", seed=6, num_steps=8)
+def _acting_policy(processor, stage=2, **kw):
+    from ecot.inference import ActingSpec
+    return ECoTPolicy.build("tiny", processor, action_dim=7, chunk_len=4, state_dim=7, action_hidden_size=32,
+                            action_num_layers=1, dataset_statistics=STATS, seed=1,
+                            acting=ActingSpec(stage=stage, image_size=(64, 64), max_new_tokens=5), **kw)
+
+
+def test_predict_action_shapes_and_determinism(processor):
+    pol = _acting_policy(processor)
+    a = pol.predict_action(FRAME, "pick up the cup", np.zeros(7), seed=5)
+    b = pol.predict_action(FRAME, "pick up the cup", np.zeros(7), seed=5)
+    c = pol.predict_action(FRAME, "pick up the cup", np.zeros(7), seed=6, num_steps=8)
     assert a["actions"].shape == (1, 4, 7) and a["normalized_actions"].shape == (1, 4, 7)
     np.testing.assert_array_equal(a["actions"], b["actions"])
+    assert a["reasoning_text"] == b["reasoning_text"]
     assert not np.array_equal(a["actions"], c["actions"])
     assert np.all(np.abs(a["actions"][..., :6]) <= 0.1 + 1e-6)
 
 
-def test_save_load_roundtrip_fresh_process(tmp_path):
-    "A trained policy saved here reloads in a new Python process and gives identical actions and parameters."
+def test_save_load_roundtrip_fresh_process(tmp_path, processor):
+    "A trained policy saved here reloads in a new Python process with nothing else and gives identical outputs."
+    from ecot.collate import ECoTCollator, toy_sample
     torch.manual_seed(0)
-    pol = _policy(dataset_statistics=STATS)
+    pol = _acting_policy(processor)
     opt = torch.optim.AdamW(pol.parameters(), lr=1e-3)
-    batch = toy_batch(pol.backbone.vlm, stage=1)
+    batch = ECoTCollator(processor, stage=2)([toy_sample(seed=0), toy_sample(seed=1)])
     for _ in range(3):  # move the weights away from their seeded initialisation
         opt.zero_grad()
         pol(batch)["total_loss"].backward()
         opt.step()
-    pol.batch_builder = _builder(pol.backbone.vlm)
-    expected = pol.predict_action(None, "x", seed=11)["actions"]
+    expected = pol.predict_action(FRAME, "x", np.ones(7), seed=11)
     ckpt = pol.save_pretrained(tmp_path / "ckpt")
+    np.save(tmp_path / "frame.npy", FRAME)
     checksum = float(sum(p.double().sum() for p in pol.state_dict().values()))
-    script = TOY_TOK_SRC + textwrap.dedent(f'''
+    script = textwrap.dedent(f'''
         import json, numpy as np, torch
         torch.set_num_threads(1)  # same as the test process: bitwise-identical reductions
         from ecot.policy import ECoTPolicy
-        from ecot.backbone import toy_batch
         pol = ECoTPolicy.from_pretrained({str(ckpt)!r})
-        pol.batch_builder = lambda images, instruction, state=None: toy_batch(
-            pol.backbone.vlm, think_counts=(2,), prefix_lens=(3,), suffix_lens=(0,), stage=1, seed=7)
-        np.save({str(tmp_path / "actions.npy")!r}, pol.predict_action(None, "x", seed=11)["actions"])
+        r = pol.predict_action(np.load({str(tmp_path / "frame.npy")!r}), "x", np.ones(7), seed=11)
+        np.save({str(tmp_path / "actions.npy")!r}, r["actions"])
         print(json.dumps(dict(checksum=float(sum(p.double().sum() for p in pol.state_dict().values())),
-                              stats=pol.dataset_statistics)))
+                              stats=pol.dataset_statistics, text=r["reasoning_text"], stage=r["stage"])))
     ''')
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["checksum"] == checksum
     assert info["stats"] == STATS
-    np.testing.assert_array_equal(np.load(tmp_path / "actions.npy"), expected)
+    assert (info["text"], info["stage"]) == (expected["reasoning_text"], 2)
+    np.testing.assert_array_equal(np.load(tmp_path / "actions.npy"), expected["actions"])
 
 
 def test_from_pretrained_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="policy_config.json"):
         ECoTPolicy.from_pretrained(tmp_path / "missing")
-
-
-@pytest.fixture(scope="module")
-def processor():
-    from ecot.processor import load_processor
-    return load_processor("tiny")
 
 
 def test_collated_batch_latent_exactness(processor):
@@ -269,25 +264,27 @@ def test_collated_batch_latent_exactness(processor):
         assert diff[k] < 1e-10, (k, diff)
 
 
-def test_predict_action_with_collator(processor, tmp_path):
-    "predict_action from raw images + instruction through the real collator, stage 0 (decoding) and stage 2."
-    from ecot.collate import ECoTCollator, toy_sample
-    pol = ECoTPolicy.build("tiny", processor, action_dim=7, chunk_len=4, state_dim=7, action_hidden_size=32,
-                           action_num_layers=1, dataset_statistics=STATS)
-    obs = toy_sample(seed=3)
-    pol.set_collator(ECoTCollator(processor, stage=0))
-    r = pol.predict_action(obs["image"], obs["lang"], obs["state"], decode_reasoning=True, max_new_tokens=6, seed=1)
-    assert r["path"] == "single" and r["actions"].shape == (1, 4, 7) and isinstance(r["reasoning"][0], str)
-    pol.set_collator(ECoTCollator(processor, stage=2))
-    a = pol.predict_action(obs["image"], obs["lang"], obs["state"], seed=1)
-    assert a["path"] == "latent"
-    # the processor is saved with the policy and reloads with it
-    ckpt = pol.save_pretrained(tmp_path / "ckpt")
-    assert (ckpt / "processor").is_dir()
-    loaded = ECoTPolicy.from_pretrained(ckpt).set_collator(ECoTCollator(processor, stage=2))
-    assert len(loaded.processor.tokenizer) == len(processor.tokenizer)
-    np.testing.assert_array_equal(loaded.predict_action(obs["image"], obs["lang"], obs["state"], seed=1)["actions"],
-                                  a["actions"])
+def test_acting_without_reasoning_needs_a_policy_trained_without_it(processor):
+    "with_reasoning=False is refused for a policy whose every training row carried reasoning text; allowed with dropout."
+    from dataclasses import replace
+    pol = _acting_policy(processor)
+    with pytest.raises(ValueError, match="reasoning_dropout_prob = 0"):
+        pol.predict_action(FRAME, "x", np.zeros(7), with_reasoning=False)
+    pol.acting = replace(pol.acting, reasoning_dropout_prob=0.3)
+    r = pol.predict_action(FRAME, "x", np.zeros(7), with_reasoning=False)
+    n = pol.acting.n_thinking
+    assert r["reasoning"] == [{}] and r["n_columns"] == n + 2  # latent columns, end marker, <|im_end|>
+
+
+def test_bad_observations_name_what_is_wrong(processor):
+    pol = _acting_policy(processor)
+    for args, msg in [((FRAME[..., :1], "x", np.zeros(7)), "image view 0"),
+                      ((FRAME, "x", np.zeros(6)), r"expected \(7,\)"),
+                      ((FRAME, "x", np.full(7, np.inf)), "finite"),
+                      ((FRAME, 3, np.zeros(7)), "instruction"),
+                      (([FRAME], ["a", "b"], [np.zeros(7)] * 2), "images: 1 entries for 2")]:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            pol.predict_action(*args)
 
 
 def test_compiled_blocks_reuse_one_graph_across_lengths_and_batch_sizes():
