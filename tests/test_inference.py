@@ -133,3 +133,31 @@ def test_ecot_train_leaves_a_policy_that_acts_alone(tmp_path):
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["shape"] == [1, 8, 7] and info["stage"] == 2 and info["finite"]
     assert 2 * 2 + 1 + 1 <= info["n"] <= 2 * 2 + 1 + 8 + 1  # thinking, marker, text, <|im_end|>
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_cuda_graphs_act_like_eager(processor):
+    "On CUDA the captured column and act graphs give eager's tokens and actions, on every shape and on replays."
+    from ecot.policy import ECoTPolicy
+    stats = {"bridge": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7}, "state": {"q01": [-1.0] * 7, "q99": [1.0] * 7}}}
+    pol = ECoTPolicy.build("tiny", processor, action_dim=7, chunk_len=4, state_dim=7, action_hidden_size=32,
+                           action_num_layers=1, dataset_statistics=stats, use_eos_classification=True,
+                           acting=ActingSpec(stage=2, image_size=(64, 64), max_new_tokens=12)).cuda().eval()
+    frame = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    calls = [(frame, "pick up the cup", np.zeros(7)),
+             ([frame, frame[::-1].copy()], ["pick up the cup", "open the drawer on the left"], [np.zeros(7)] * 2),
+             (frame, "pick up the cup", np.zeros(7))]
+    out = {}
+    for graphs in (True, False):
+        pol.cuda_graphs = graphs
+        out[graphs] = [pol.predict_action(*c, seed=2) for c in calls]
+    for g, e in zip(out[True], out[False]):
+        assert g["reasoning_text"] == e["reasoning_text"] and g["n_columns"] == e["n_columns"]
+        np.testing.assert_allclose(g["actions"], e["actions"], atol=1e-4)
+        np.testing.assert_allclose(g["eos_probs"], e["eos_probs"], atol=1e-4)
+    np.testing.assert_array_equal(out[True][0]["actions"], out[True][2]["actions"])  # a replay repeats itself
+    reasoner = pol.reasoner
+    reasoner.cuda_graphs = True
+    samples = [toy_sample(seed=0), toy_sample(lang="put the spoon in the pot", seed=1)]
+    gap = teacher_forced_gap(reasoner, pol.acting.collator(processor), samples, torch.randn(2, 4, 7))
+    assert gap["hidden"] < 1e-4 and gap["act"] < 1e-4, gap

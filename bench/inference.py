@@ -1,0 +1,141 @@
+"""Inference speed through `predict_action` (batch 1, one GPU): ms and Hz per action chunk at stage 0 (full text
+reasoning), stage 2 and stage 8 (all tags latent), ms per decoded token against the weight-read limit (bf16 weight
+bytes read per token ÷ copy bandwidth measured in the same run), with CUDA graphs and, as the same-run baseline,
+eagerly (no graphs, no compiled column step).
+
+    python bench/inference.py                                  # 2B-shaped Qwen3-VL (random weights), bf16, GPU
+    python bench/inference.py --config tiny --device cpu --tokens 16 --steps 3 --no-eager   # smoke run
+
+A random-weight model never writes `<|im_end|>`, so every text phase runs to `--tokens`: the decoded-token count is
+fixed and printed. ms per token = (stage-0 chunk with T tokens − stage-0 chunk without text) / T.
+"""
+import argparse
+import platform
+import statistics
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+import transformers
+
+from ecot.build import build_dataset, build_policy, build_processor, plain_statistics, run_config
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def dynamo_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def time_calls(fn, device, steps: int, max_warmup: int = 6) -> list[float]:
+    "Warm up until the compiler stops making graphs (at least 2 calls), then `steps` timed calls (seconds each)."
+    before = None
+    for i in range(max_warmup):
+        fn()
+        sync(device)
+        now = dynamo_graphs()
+        if i >= 1 and now == before:
+            break
+        before = now
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def copy_bandwidth(device, gib: float = 2.0) -> float:
+    "Bytes per second of a device-to-device copy (read + write), median of 10."
+    if device.type != "cuda":
+        return float("nan")
+    x = torch.empty(int(gib * 2 ** 30) // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    ts = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.copy_(x)
+        end.record()
+        torch.cuda.synchronize(device)
+        if i >= 3:
+            ts.append(start.elapsed_time(end) / 1e3)
+    del x, y
+    return 2 * gib * 2 ** 30 / statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="qwen3vl2b_random")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tokens", type=int, default=256, help="text tokens decoded at stage 0 (a full ECoT reasoning)")
+    ap.add_argument("--stage2-tokens", type=int, default=160, help="text tokens at stage 2 (6 tags as text)")
+    ap.add_argument("--steps", type=int, default=10, help="timed calls per case")
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager baseline")
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    cfg = run_config(a.config, 0, ["datasets.vla_data.ecot.image_aug=false"])
+    ds = build_dataset(cfg)
+    proc = build_processor(cfg, ds)
+    policy = build_policy(cfg, proc, plain_statistics(ds.statistics)).to(device=device, dtype=dtype).eval()
+    sample = next(iter(ds))
+    frame, lang = np.asarray(sample["image"][0]), sample["lang"]
+    state = np.asarray(next(iter(policy.dataset_statistics.values()))["state"]["mean"])
+    spec = replace(policy.acting, reasoning_dropout_prob=0.1)  # lets the no-text case run (the bench's baseline)
+
+    lm = policy.backbone.language_model
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.layers.parameters()) + \
+        sum(p.numel() * p.element_size() for p in policy.backbone.vlm.lm_head.parameters())
+    bw = copy_bandwidth(device)
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
+    print(f"config {a.config}: {sum(p.numel() for p in policy.parameters()) / 1e9:.2f} B parameters, {dtype}, "
+          f"image {tuple(cfg.datasets.vla_data.image_size)}, chunk {policy.hparams['chunk_len']}, "
+          f"{policy.hparams['num_inference_steps']} denoising steps, {replace(spec, stage=2).n_thinking} thinking columns at stage 2 "
+          f"({replace(spec, stage=8).n_thinking} at stage 8)")
+    limit = weight_bytes / bw if device.type == "cuda" else float("nan")
+    print(f"weights read per decoded token {weight_bytes / 2 ** 30:.2f} GiB; copy bandwidth {bw / 1e12:.2f} TB/s "
+          f"-> weight-read limit {limit * 1e3:.2f} ms/token")
+
+    cases = [("stage 0, no text (prompt -> action head)", 0, False, 0),
+             ("stage 8, all tags latent", 8, True, 0),
+             (f"stage 2, {a.stage2_tokens} text tokens", 2, True, a.stage2_tokens),
+             (f"stage 0, {a.tokens} text tokens", 0, True, a.tokens)]
+    modes = [("graphs", True)] + ([] if a.no_eager else [("eager", False)])
+    results, columns = {}, {}
+    for mode, on in modes:
+        policy.cuda_graphs = on
+        policy.backbone.compile_columns = None if on else False
+        torch._dynamo.reset()
+        for name, stage, reasoning, tokens in cases:
+            policy.acting = replace(spec, stage=stage, max_new_tokens=tokens)
+            call = lambda: policy.predict_action(frame, lang, state, with_reasoning=reasoning)
+            r = call()
+            t = time_calls(call, device, a.steps)
+            results[mode, name], columns[name] = t, r["n_columns"]
+            med, mean = statistics.median(t), statistics.mean(t)
+            print(f"[{mode:6s}] {name:42s} median {med * 1e3:8.1f} ms  mean {mean * 1e3:8.1f} ms  "
+                  f"{1 / med:6.2f} Hz  ({r['n_columns']} generated columns, total of {len(t)} calls "
+                  f"{sum(t):.2f} s)", flush=True)
+        full, none = cases[3][0], cases[0][0]
+        n_tokens = columns[full] - columns[none]  # text columns decoded (the closing <|im_end|> is in both)
+        per_token = (statistics.median(results[mode, full]) - statistics.median(results[mode, none])) / n_tokens
+        print(f"[{mode:6s}] decoding: {per_token * 1e3:.2f} ms per token ({per_token / limit:.2f}x the weight-read "
+              f"limit) over {n_tokens} tokens; stage 0 with its text -> {1 / statistics.median(results[mode, full]):.2f} Hz")
+    if len(modes) == 2:
+        for name, *_ in cases:
+            g, e = statistics.median(results["graphs", name]), statistics.median(results["eager", name])
+            print(f"eager / graphs  {name:42s} {e / g:6.2f}x")
+    print(f"compiled graphs: {dynamo_graphs()}")
+
+
+if __name__ == "__main__":
+    main()
