@@ -70,6 +70,20 @@ def copy_bandwidth(device, gib: float = 2.0) -> float:
     return 2 * gib * 2 ** 30 / statistics.median(ts)
 
 
+def profile(policy, spec, frame, lang, state, device, steps: int):
+    "Median wall time per phase of a stage-8 and a stage-0 (no text) call, each phase synchronised (`Reasoner.timed`)."
+    t = time_calls(lambda: policy.observation_batch([(frame, lang, state)]), device, steps)
+    print(f"  observation -> prompt batch (processor, positions, CPU): {statistics.median(t) * 1e3:.1f} ms")
+    for stage, reasoning in ((8, True), (0, False)):
+        policy.acting = replace(spec, stage=stage, max_new_tokens=0)
+        call = lambda: policy.predict_action(frame, lang, state, with_reasoning=reasoning)
+        time_calls(call, device, 2)
+        policy.reasoner.timed = True
+        phases = [call()["timings"] for _ in range(steps)]
+        policy.reasoner.timed = False
+        print(f"  stage {stage}: " + ", ".join(f"{k} {statistics.median(p[k] for p in phases):.1f} ms" for k in phases[0]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="qwen3vl2b_random")
@@ -78,6 +92,7 @@ def main():
     ap.add_argument("--stage2-tokens", type=int, default=160, help="text tokens at stage 2 (6 tags as text)")
     ap.add_argument("--steps", type=int, default=10, help="timed calls per case")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager baseline")
+    ap.add_argument("--profile", action="store_true", help="also print where a call's time goes, phase by phase")
     a = ap.parse_args()
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -125,6 +140,8 @@ def main():
             print(f"[{mode:6s}] {name:42s} median {med * 1e3:8.1f} ms  mean {mean * 1e3:8.1f} ms  "
                   f"{1 / med:6.2f} Hz  ({r['n_columns']} generated columns, total of {len(t)} calls "
                   f"{sum(t):.2f} s)", flush=True)
+        if a.profile:
+            profile(policy, spec, frame, lang, state, device, a.steps)
         full, none = cases[3][0], cases[0][0]
         n_tokens = columns[full] - columns[none]  # text columns decoded (the closing <|im_end|> is in both)
         per_token = (statistics.median(results[mode, full]) - statistics.median(results[mode, none])) / n_tokens

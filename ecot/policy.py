@@ -219,6 +219,8 @@ class ECoTPolicy(nn.Module):
                "path": "latent" if spec.stage else "single"}
         if "eos_probs" in r.outputs:
             out["eos_probs"] = r.outputs["eos_probs"].float().cpu().numpy()
+        if r.timings:  # with policy.reasoner.timed: ms per phase
+            out["timings"] = r.timings
         return out
 
     def observation_batch(self, rows: Sequence[tuple], unnorm_key: Optional[str] = None) -> dict:
