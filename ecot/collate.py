@@ -7,7 +7,6 @@ Docs: https://ecot-dev.github.io/ecot/collate.html.md"""
 # %% ../nbs/07_collate.ipynb #fb7940e6
 from __future__ import annotations
 
-import warnings
 from types import SimpleNamespace
 from typing import Any, Mapping, Optional, Sequence
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from dataclasses import replace
 from typing import Any, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -197,6 +196,10 @@ class ECoTPolicy(nn.Module):
             raise ValueError(f"with_reasoning = False: this policy was trained at stage {spec.stage} with the text of "
                              f"{list(spec.text_tags)} in every row (reasoning_dropout_prob = 0); acting without it "
                              "would show the action head a layout it never saw. Train with reasoning dropout to allow it")
+        # at most what fits model_max_length after the longest prompt and the thinking span (training cut the rest)
+        span = spec.n_thinking + 1 if spec.stage else 0  # thinking columns and <|end_of_thinking|>
+        room = spec.model_max_length - int(batch["attention_mask"].sum(1).max()) - span - 1
+        max_new = max(0, min(room, spec.max_new_tokens if max_new_tokens is None else max_new_tokens))
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(rows)
         if len(seeds) != len(rows):
             raise ValueError(f"seed: {len(seeds)} seeds for {len(rows)} observations")
@@ -205,8 +208,7 @@ class ECoTPolicy(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            r = self.reasoner(batch, spec.n_thinking, spec.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                              noise, num_steps, decode=decode)
+            r = self.reasoner(batch, spec.n_thinking, max_new, noise, num_steps, decode=decode)
         finally:
             self.train(was_training)
         tok = self.processor.tokenizer

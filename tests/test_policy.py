@@ -304,3 +304,13 @@ def test_compiled_blocks_reuse_one_graph_across_lengths_and_batch_sizes():
         torch.testing.assert_close(out.logits[real], ref.logits[real], rtol=1e-4, atol=1e-4)
         out.vlm_loss.backward()
     assert stats["unique_graphs"] == 1, dict(stats)
+
+
+def test_decoding_stops_where_training_rows_were_cut(processor):
+    "Text never runs past model_max_length: training cut its rows there, so the policy never saw longer ones."
+    from dataclasses import replace
+    pol = _acting_policy(processor)
+    prompt = int(pol.observation_batch([(FRAME, "x", np.zeros(7))])["attention_mask"].sum())
+    pol.acting = replace(pol.acting, model_max_length=prompt + 12, max_new_tokens=100)
+    r = pol.predict_action(FRAME, "x", np.zeros(7))
+    assert prompt + r["n_columns"] <= prompt + 12 and r["truncated"] == [True]
