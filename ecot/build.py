@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,7 +24,7 @@ from .policy import ECoTPolicy
 from .processor import load_processor
 from .render import stage_at
 from .synthetic import embedded_dataset
-from .trainer import Trainer, seed_everything
+from .trainer import Trainer, check_run_dir, seed_everything
 
 # %% auto #0
 __all__ = ['EOS_KEYS', 'PARAMETER_KEYS', 'data_root', 'build_dataset', 'build_loader', 'plain_statistics', 'build_processor',
@@ -200,12 +201,17 @@ def main(argv=None):
     ap.add_argument("--stage", type=int, default=0, help="curriculum stage (0: reasoning as text)")
     ap.add_argument("--run-dir", default=None, help="default: <run_root_dir>/<run_id>-stage<stage>")
     ap.add_argument("--resume", default=None, help="a checkpoint or run directory, or 'latest'")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier run's metrics, checkpoints and policy")
     for name in PARAMETER_KEYS:
         ap.add_argument(f"--{name.replace('_', '-')}", default=None, help=f"sets {PARAMETER_KEYS[name]}")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="dotted override (repeatable)")
     a = ap.parse_args(argv)
     cfg = run_config(a.config, a.stage, a.override, **{k: getattr(a, k) for k in PARAMETER_KEYS})
+    run_dir = Path(a.run_dir) if a.run_dir else default_run_dir(cfg)
+    check_run_dir(run_dir, a.resume, a.overwrite)  # before the minutes of building data and model
     run = build_run(cfg)
-    trainer = run.trainer(a.run_dir or default_run_dir(cfg))
-    trainer.train(resume=a.resume)
+    trainer = run.trainer(run_dir)
+    trainer.train(resume=a.resume, overwrite=a.overwrite)
     save_policy(run, trainer)
+    if trainer.interrupted:  # preempted: not a finished run (schedulers requeue on 128 + signal)
+        sys.exit(128 + int(trainer.interrupted))

@@ -31,9 +31,10 @@ from .config import Config, save_config
 from .craft import CRaFT, DualVariable, FrozenReference, PolicyRetentionFeatures, retention_loss
 
 # %% auto #0
-__all__ = ['STATE_FILE', 'make_optimizer', 'make_scheduler', 'seed_everything', 'rng_state', 'set_rng_state', 'write_json',
-           'checkpoints', 'resolve_checkpoint', 'MetricsLogger', 'read_metrics', 'NonFiniteLossError', 'Prefetcher',
-           'Trainer']
+__all__ = ['STATE_FILE', 'COMPLETE', 'make_optimizer', 'make_scheduler', 'seed_everything', 'rng_state', 'set_rng_state',
+           'fsync_path', 'write_text_atomic', 'write_json', 'check_run_dir', 'clear_run_dir', 'checkpoints',
+           'latest_checkpoint', 'resolve_checkpoint', 'delete_checkpoint', 'clean_stale', 'MetricsLogger',
+           'read_metrics', 'NonFiniteLossError', 'NonFiniteWeightsError', 'Prefetcher', 'Trainer']
 
 # %% ../nbs/12_trainer.ipynb #cdb575ca
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -80,33 +81,100 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
 
-def write_json(obj, path: Path) -> Path:
-    "Write `obj` (numpy values allowed) as JSON, atomically."
+def fsync_path(path: Path):
+    "Flush a file or a directory entry to disk."
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(text: str, path: Path) -> Path:
+    "Write `text` to `path` through a temporary file, fsync, rename: readers see the old file or the new one."
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)
     return path
 
 
+def write_json(obj, path: Path) -> Path:
+    "Write `obj` (numpy values allowed) as JSON, atomically."
+    return write_text_atomic(json.dumps(obj, indent=1, default=_json_default), path)
+
+
+COMPLETE = "COMPLETE"  # written last into a checkpoint, removed first when it is deleted
+
+
+def check_run_dir(run_dir, resume=None, overwrite: bool = False):
+    "A fresh run needs a run directory no earlier run wrote metrics or checkpoints to (unless `overwrite`)."
+    used = [p.name for p in (Path(run_dir) / "metrics.jsonl", Path(run_dir) / "checkpoints") if p.exists()]
+    if resume is None and used and not overwrite:
+        raise FileExistsError(f"run directory {run_dir} already holds {used} of an earlier run: resume it (resume='latest', "
+                              "--resume latest), choose another run directory, or overwrite it (overwrite=True, --overwrite)")
+
+
+def clear_run_dir(run_dir):
+    "Delete an earlier run's metrics, checkpoints and policy from `run_dir` (renamed away first, then removed)."
+    for name in ("metrics.jsonl", "checkpoints", "policy"):
+        p = Path(run_dir) / name
+        if p.exists():
+            doomed = p.with_name(f".deleting_{name}")
+            os.replace(p, doomed)
+            shutil.rmtree(doomed) if doomed.is_dir() else doomed.unlink()
+
+
 def checkpoints(ckpt_root: Path) -> list[Path]:
-    "Complete checkpoints under `ckpt_root`, oldest first."
-    return sorted(p for p in Path(ckpt_root).glob("step_*") if p.is_dir() and (p / STATE_FILE).exists())
+    "Complete checkpoints under `ckpt_root` (those holding the completion marker), oldest first."
+    return sorted(p for p in Path(ckpt_root).glob("step_*") if p.is_dir() and (p / COMPLETE).exists())
+
+
+def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
+    "The checkpoint `latest` names when it is complete, else the newest complete one (None when there is none)."
+    pointer = Path(ckpt_root) / "latest"
+    name = pointer.read_text().strip() if pointer.is_file() else ""
+    if name and (Path(ckpt_root) / name / COMPLETE).exists():
+        return Path(ckpt_root) / name
+    found = checkpoints(ckpt_root)
+    return found[-1] if found else None
 
 
 def resolve_checkpoint(resume: str | os.PathLike, ckpt_root: Path) -> Path:
     "A checkpoint directory from a path or `latest`; a clear error when there is none."
     if str(resume) == "latest":
-        found = checkpoints(ckpt_root)
-        if not found:
-            raise FileNotFoundError(f"resume='latest': no checkpoint under {ckpt_root}")
-        return found[-1]
+        found = latest_checkpoint(ckpt_root)
+        if found is None:
+            raise FileNotFoundError(f"resume='latest': no complete checkpoint under {ckpt_root}")
+        return found
     p = Path(resume)
-    if p.is_dir() and not (p / STATE_FILE).exists() and checkpoints(p / "checkpoints"):
-        return checkpoints(p / "checkpoints")[-1]  # a run directory: its newest checkpoint
-    if not (p / STATE_FILE).exists():
-        raise FileNotFoundError(f"resume={str(resume)!r}: {p} is not a checkpoint (no {STATE_FILE})")
+    if p.is_dir() and not (p / COMPLETE).exists() and latest_checkpoint(p / "checkpoints") is not None:
+        return latest_checkpoint(p / "checkpoints")  # a run directory: its latest checkpoint
+    if not (p / COMPLETE).exists():
+        raise FileNotFoundError(f"resume={str(resume)!r}: {p} is not a complete checkpoint (no {COMPLETE} marker)")
     return p
+
+
+def delete_checkpoint(ckpt: Path):
+    "Remove the completion marker first, then rename out of the way, then delete: a crash never leaves a half-deleted checkpoint that counts."
+    (ckpt / COMPLETE).unlink(missing_ok=True)
+    fsync_path(ckpt)
+    doomed = ckpt.with_name(f".deleting_{ckpt.name}")
+    os.replace(ckpt, doomed)
+    shutil.rmtree(doomed)
+
+
+def clean_stale(ckpt_root: Path) -> list[str]:
+    "Delete what a crash left under `ckpt_root` (unfinished `.tmp_step_*`, half-deleted `.deleting_*`); their names."
+    root = Path(ckpt_root)
+    stale = sorted(list(root.glob(".tmp_step_*")) + list(root.glob(".deleting_*")))
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in stale]
 
 # %% ../nbs/12_trainer.ipynb #36775831
 class MetricsLogger:
@@ -122,12 +190,26 @@ class MetricsLogger:
             self.wandb_id = self.wandb.id
 
     def log(self, record: dict):
+        "Append one record; non-finite numbers become null, named under `nonfinite` (bare NaN is not JSON)."
         if not self.enabled:
             return
+        bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
+        if bad:
+            record = {**{k: None if k in bad else v for k, v in record.items()}, "nonfinite": bad}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+    def truncate(self, step: int) -> int:
+        "Drop the records after `step` (a resume from there writes them again); the number dropped."
+        if not (self.enabled and self.path.exists()):
+            return 0
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(keep) < len(lines):
+            write_text_atomic("".join(line + "\n" for line in keep), self.path)
+        return len(lines) - len(keep)
 
     def close(self):
         if self.wandb is not None:
@@ -142,7 +224,11 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 # %% ../nbs/12_trainer.ipynb #82015b87
 class NonFiniteLossError(RuntimeError):
-    "Raised after `max_consecutive_nonfinite` optimizer steps in a row had a non-finite loss."
+    "Raised after `max_consecutive_nonfinite` optimizer steps in a row had a non-finite loss or gradient."
+
+
+class NonFiniteWeightsError(RuntimeError):
+    "Raised instead of writing a checkpoint whose weights are not finite."
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -264,7 +350,12 @@ class Trainer:
                 "world_size": self.acc.num_processes}
 
     def save_checkpoint(self) -> Path:
-        "Write a complete checkpoint for the current step (temporary directory, then rename); keep the last K."
+        """Write a complete checkpoint for the current step (temporary directory, completion marker last, fsync,
+        rename, then `latest`); keep the last K. Refuses non-finite weights: a NaN never becomes a checkpoint."""
+        bad = [n for n, p in self.acc.unwrap_model(self.model).named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteWeightsError(f"step {self.step}: non-finite weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                                        "no checkpoint written (the last complete one is kept)")
         final = self.ckpt_root / f"step_{self.step:06d}"
         tmp = self.ckpt_root / f".tmp_step_{self.step:06d}"
         rank = self.acc.process_index
@@ -284,11 +375,17 @@ class Trainer:
             write_json(self.state(), tmp / STATE_FILE)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(tmp, final)
-            (self.ckpt_root / "latest").write_text(final.name + "\n")
+            for f in tmp.iterdir():
+                fsync_path(f)
+            write_text_atomic(f"step {self.step}\n", tmp / COMPLETE)  # last: the checkpoint is whole
+            if final.exists():  # the same step saved again (a stop, then the end of the run)
+                delete_checkpoint(final)
+            os.replace(tmp, final)
+            fsync_path(self.ckpt_root)
+            write_text_atomic(final.name + "\n", self.ckpt_root / "latest")
             for old in checkpoints(self.ckpt_root)[:-self.cfg.trainer.keep_last_checkpoints]:
-                shutil.rmtree(old)
+                if old != final:
+                    delete_checkpoint(old)
         self.acc.wait_for_everyone()
         return final
 
@@ -341,12 +438,18 @@ class Trainer:
         return "\n".join(lines)
 
     def _handle_signal(self, signum, frame):
-        self.interrupted = True
+        self.interrupted = signum  # truthy: the loop stops after this step and saves
 
-    def train(self, resume: Optional[str | os.PathLike] = None, stop_at: Optional[int] = None) -> list[dict]:
+    def train(self, resume: Optional[str | os.PathLike] = None, stop_at: Optional[int] = None,
+              overwrite: bool = False) -> list[dict]:
         """Run to `max_train_steps`, or until interrupted (SIGTERM/SIGINT) or step `stop_at` (a time-sliced job):
-        a checkpoint is saved either way. Returns the logged records."""
+        a checkpoint is saved either way. A fresh run refuses a run directory an earlier run wrote to, unless
+        `overwrite` (which deletes its metrics, checkpoints and policy). Returns the logged records."""
         cfg, acc = self.cfg, self.acc
+        check_run_dir(self.run_dir, resume, overwrite)
+        if overwrite and resume is None and acc.is_main_process:
+            clear_run_dir(self.run_dir)
+        acc.wait_for_everyone()
         ckpt = resolve_checkpoint(resume, self.ckpt_root) if resume else None
         if ckpt is not None:
             self.load_checkpoint(ckpt, restore_rng=False)
@@ -361,8 +464,14 @@ class Trainer:
             if self.stats is not None:
                 write_json(self.stats, self.run_dir / "dataset_statistics.json")
             print(self.banner() + (f"\nresumed from {ckpt} at step {self.step}" if ckpt else ""))
+        if acc.is_main_process and self.ckpt_root.exists():
+            stale = clean_stale(self.ckpt_root)
+            if stale:
+                print(f"removed what an interrupted save or deletion left in {self.ckpt_root}: {stale}")
         logger = MetricsLogger(self.run_dir, cfg, enabled=acc.is_main_process, wandb_id=self.wandb_id)
         self.wandb_id = logger.wandb_id
+        if ckpt is not None and logger.truncate(self.step) and acc.is_main_process:
+            print(f"metrics.jsonl: dropped the records after step {self.step}, which this resume writes again")
         # Signal handlers can only be installed from the main thread (not, e.g., in a test runner's worker).
         in_main = threading.current_thread() is threading.main_thread()
         old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
@@ -435,22 +544,16 @@ class Trainer:
                 if acc.device.type == "cuda":
                     torch.cuda.synchronize()
                 data_time += t1 - t0; model_time += time.perf_counter() - t1
-            if not finite:
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.craft:
-                    self.craft.reset()
-                self.nonfinite_steps += 1; consecutive_bad += 1
-                tqdm.write(f"step {self.step}: non-finite loss, step skipped ({self.nonfinite_steps} so far)")
-                if consecutive_bad >= cfg.trainer.max_consecutive_nonfinite:
-                    path = self.save_checkpoint()
-                    raise NonFiniteLossError(
-                        f"{consecutive_bad} optimizer steps in a row had a non-finite loss (last at step {self.step}); "
-                        f"checkpoint saved to {path}. Lower trainer.learning_rate.base or check the data.")
+            grad_norm = None
+            if finite:
+                if self.craft:  # project the accumulated action gradient, add λ·g_ret, step λ
+                    outs.append({k: v for k, v in self.craft.apply().items() if k != "retention_loss"})
+                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clipping)
+            if grad_norm is None or not math.isfinite(float(grad_norm)):  # same on every rank: grads are reduced
+                consecutive_bad += 1
+                self._skip_step("loss" if grad_norm is None else "gradient", consecutive_bad, logger)
                 continue
             consecutive_bad = 0
-            if self.craft:  # project the accumulated action gradient, add λ·g_ret, step λ
-                outs.append({k: v for k, v in self.craft.apply().items() if k != "retention_loss"})
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clipping)
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -475,6 +578,22 @@ class Trainer:
         path = self.save_checkpoint()
         if self.interrupted and acc.is_main_process:
             print(f"interrupted at step {self.step}: checkpoint saved to {path}; resume with resume='latest'")
+
+    def _skip_step(self, what: str, consecutive: int, logger):
+        "Drop the accumulated gradients of a step with a non-finite loss or gradient; log it; stop after too many."
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.craft:
+            self.craft.reset()
+        self.nonfinite_steps += 1
+        if self.acc.is_main_process:
+            tqdm.write(f"step {self.step + 1}: non-finite {what}, step skipped ({self.nonfinite_steps} so far)")
+            logger.log({"step": self.step + 1, "event": "nonfinite_skip", "reason": what,
+                        "nonfinite_steps": self.nonfinite_steps})
+        if consecutive >= self.cfg.trainer.max_consecutive_nonfinite:
+            path = self.save_checkpoint()
+            raise NonFiniteLossError(
+                f"{consecutive} optimizer steps in a row had a non-finite loss or gradient (last at step {self.step + 1}); "
+                f"checkpoint of step {self.step} saved to {path}. Lower trainer.learning_rate.base or check the data.")
 
     def _reduce(self, window: dict, n_samples: int, seconds: float) -> dict:
         "Means over the window, averaged across ranks; throughput over all ranks."

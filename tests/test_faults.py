@@ -1,0 +1,200 @@
+"""Fault injection on the trainer: NaN gradients, SIGKILL during saves, crashes while pruning, stale temporary
+directories, a fresh run into a used run directory, metrics across a resume, and the exit code of a preempted run."""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ecot.config import Config
+from ecot.trainer import (COMPLETE, NonFiniteWeightsError, Trainer, checkpoints, clean_stale, delete_checkpoint,
+                          latest_checkpoint, read_metrics, seed_everything)
+
+
+class Lin(torch.nn.Module):
+    "A linear model whose weight gradient turns NaN on the steps listed in `nan_steps` (counted in forward calls)."
+    def __init__(self, n=4, nan_steps=(), extra_nan_metric=False):
+        super().__init__()
+        self.lin, self.calls, self.nan_steps, self.extra = torch.nn.Linear(n, 2), 0, set(nan_steps), extra_nan_metric
+        self.lin.weight.register_hook(lambda g: g * float("nan") if self.calls in self.nan_steps else g)
+
+    def forward(self, batch):
+        self.calls += 1
+        loss = ((self.lin(batch["x"]) - batch["y"]) ** 2).mean()
+        out = {"total_loss": loss}
+        if self.extra:
+            out["odd_metric"] = float("nan") if self.calls % 2 else 1.0
+        return out
+
+
+def _loader(n=4):
+    def it():
+        g = torch.Generator().manual_seed(0)
+        for _ in range(1000):
+            x = torch.randn(8, n, generator=g)
+            yield [{"x": x, "y": x[:, :2]}]
+    return it
+
+
+def _cfg(steps, save=1000, **trainer):
+    return Config.model_validate({"wandb_mode": "disabled", "trainer": {
+        "max_train_steps": steps, "logging_frequency": 1, "save_interval": save, "learning_rate": {"base": 0.05},
+        "num_warmup_steps": 0, "lr_scheduler_type": "constant", **trainer}})
+
+
+def _trainer(run_dir, steps, model=None, save=1000, **trainer):
+    seed_everything(0)
+    return Trainer(_cfg(steps, save, **trainer), model or Lin(), _loader(), lambda s: s[0], run_dir, progress=False)
+
+
+def _strict_json(line):
+    return json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+
+
+def test_nan_gradients_skip_the_step_and_never_reach_saved_weights(tmp_path):
+    model = Lin(nan_steps={3, 4})
+    t = _trainer(tmp_path / "run", 8, model, save=2)
+    t.train()
+    assert t.nonfinite_steps == 2 and t.step == 8
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for ckpt in checkpoints(tmp_path / "run/checkpoints"):
+        assert all(torch.isfinite(v).all() for v in load_file(ckpt / "model.safetensors").values())
+    lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    events = [r for r in map(_strict_json, lines) if r.get("event") == "nonfinite_skip"]
+    assert [(e["step"], e["reason"]) for e in events] == [(3, "gradient"), (3, "gradient")]
+    # and a checkpoint is never written from non-finite weights
+    before = latest_checkpoint(tmp_path / "run/checkpoints")
+    with torch.no_grad():
+        model.lin.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match="lin.weight"):
+        t.save_checkpoint()
+    assert latest_checkpoint(tmp_path / "run/checkpoints") == before
+
+
+def test_non_finite_metrics_are_written_as_null_with_a_flag(tmp_path):
+    _trainer(tmp_path / "run", 3, Lin(extra_nan_metric=True)).train()
+    recs = [_strict_json(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("odd_metric") is None and r.get("nonfinite") == ["odd_metric"] for r in recs)
+
+
+KILL_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    from ecot.config import Config
+    from ecot.trainer import Trainer
+    class Big(torch.nn.Module):  # ~12 MB of weights and optimizer state: saves take a while
+        def __init__(self):
+            super().__init__(); self.lin = torch.nn.Linear(1024, 1024)
+        def forward(self, b):
+            return {"total_loss": self.lin(b["x"]).pow(2).mean()}
+    def loader():
+        for _ in range(100000):
+            yield [{"x": torch.randn(4, 1024)}]
+    cfg = Config.model_validate({"wandb_mode": "disabled", "trainer": {"max_train_steps": 100000, "save_interval": 1,
+        "logging_frequency": 1, "keep_last_checkpoints": 2, "num_warmup_steps": 0}})
+    t = Trainer(cfg, Big(), loader, lambda s: s[0], sys.argv[1], progress=False)
+    print("ready", flush=True)
+    t.train(resume=sys.argv[2] if len(sys.argv) > 2 else None, stop_at=int(sys.argv[3]) if len(sys.argv) > 3 else None)
+''')
+
+
+def test_sigkill_during_saves_leaves_latest_loadable(tmp_path):
+    "20 SIGKILLs at random points of a run that saves every step: every checkpoint counted complete loads."
+    rng, run_dir = random.Random(0), tmp_path / "run"
+    for trial in range(20):
+        args = [sys.executable, "-c", KILL_SCRIPT, str(run_dir)] + (["latest"] if trial else [])
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.3, 1.2))
+        proc.kill()
+        proc.wait()
+        root = run_dir / "checkpoints"
+        found = checkpoints(root)
+        assert found, f"trial {trial}: no complete checkpoint"
+        for ckpt in found:
+            load_file(ckpt / "model.safetensors")
+            torch.load(ckpt / "optimizer.pt", weights_only=False)
+            json.loads((ckpt / "trainer_state.json").read_text())
+        assert latest_checkpoint(root) in found
+    leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+    step = json.loads((latest_checkpoint(root) / "trainer_state.json").read_text())["step"]
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(run_dir), "latest", str(step + 1)],
+                          capture_output=True, text=True, timeout=120)  # resumes, cleaning up first
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not [p for p in root.iterdir() if p.name.startswith((".tmp_step", ".deleting_"))]
+    if [n for n in leftovers if n.startswith((".tmp_step", ".deleting_"))]:
+        assert "removed what an interrupted save or deletion left" in proc.stdout
+
+
+def test_a_half_deleted_checkpoint_never_counts(tmp_path):
+    t = _trainer(tmp_path / "run", 6, save=2, keep_last_checkpoints=5)
+    t.train()
+    root = tmp_path / "run/checkpoints"
+    old = checkpoints(root)[0]
+    (old / COMPLETE).unlink()  # a deletion that crashed right after removing the marker
+    (old / "optimizer.pt").unlink()
+    assert old not in checkpoints(root)
+    delete_checkpoint(checkpoints(root)[0])
+    assert [p.name for p in checkpoints(root)] == ["step_000006"]
+    (root / ".tmp_step_000009").mkdir()  # a save that crashed
+    (root / ".deleting_step_000002").mkdir()  # a deletion that crashed after the rename
+    assert clean_stale(root) == [".deleting_step_000002", ".tmp_step_000009"]
+
+
+def test_latest_survives_a_missing_or_stale_pointer(tmp_path):
+    _trainer(tmp_path / "run", 4, save=2).train()
+    root = tmp_path / "run/checkpoints"
+    assert latest_checkpoint(root).name == "step_000004"
+    (root / "latest").write_text("step_000099\n")  # names nothing complete
+    assert latest_checkpoint(root).name == "step_000004"
+    (root / "latest").unlink()
+    assert latest_checkpoint(root).name == "step_000004"
+
+
+def test_a_fresh_run_refuses_a_used_run_dir_unless_overwriting(tmp_path):
+    _trainer(tmp_path / "run", 6, save=3).train()
+    with pytest.raises(FileExistsError, match="already holds"):
+        _trainer(tmp_path / "run", 2).train()
+    _trainer(tmp_path / "run", 2).train(overwrite=True)
+    root = tmp_path / "run/checkpoints"
+    assert [p.name for p in checkpoints(root)] == ["step_000002"]  # the abandoned run's step 3 and 6 are gone
+    assert latest_checkpoint(root).name == "step_000002"
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_metrics_hold_each_step_once_after_a_resume(tmp_path):
+    t = _trainer(tmp_path / "run", 10, save=4)
+    t.train()
+    ckpt = tmp_path / "run/checkpoints/step_000008"
+    _trainer(tmp_path / "run", 10, save=4).train(resume=str(ckpt))  # as after a crash between saves
+    steps = [r["step"] for r in read_metrics(tmp_path / "run")]
+    assert steps == list(range(1, 11)), steps
+
+
+def test_ecot_train_exits_non_zero_when_preempted(tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    cmd = [shutil.which("ecot-train"), "--config", "tiny", "--max-steps", "500", "--batch-size", "2", "--wandb-mode",
+           "disabled", "--run-dir", str(run_dir), "--override", "trainer.logging_frequency=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "interrupted at step" in out and "resume" in out
+    assert not (run_dir / "policy").exists()  # not a finished run: no policy
+    t = time.time()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # a fresh run into the used directory
+    assert again.returncode != 0 and "already holds" in again.stderr and time.time() - t < 30
