@@ -28,8 +28,8 @@ from .trainer import Trainer, check_run_dir, seed_everything
 
 # %% auto #0
 __all__ = ['EOS_KEYS', 'PARAMETER_KEYS', 'data_root', 'build_dataset', 'build_loader', 'plain_statistics', 'build_processor',
-           'acting_spec', 'build_collator', 'build_policy', 'compile_model', 'stage_fn', 'Run', 'build_run',
-           'save_policy', 'default_run_dir', 'run_config', 'main']
+           'acting_spec', 'build_collator', 'build_policy', 'compile_model', 'stage_fn', 'Run', 'check_dims',
+           'build_run', 'save_policy', 'default_run_dir', 'run_config', 'main']
 
 # %% ../nbs/16_build.ipynb #01bee9f1
 def data_root(cfg: Config) -> Path:
@@ -149,11 +149,26 @@ class Run:
                        progress=progress)
 
 
+def check_dims(cfg: Config, statistics: dict):
+    "The config's action and state sizes against the dataset's (before any step: a mismatch otherwise fails deep inside one)."
+    am, e = cfg.framework.action_model, cfg.ecot
+    wanted = {"action": ("framework.action_model.action_dim", am.action_dim)}
+    if e.load_proprio:
+        wanted["state"] = ("framework.action_model.state_dim", am.state_dim)
+    for name, stats in statistics.items():
+        for key, (cfg_key, n) in wanted.items():
+            have = len(stats[key]["q01"])
+            if have != n:
+                raise ValueError(f"{cfg_key} = {n}, but dataset {name!r} has {have}-dimensional {key}s: set {cfg_key}: "
+                                 f"{have}" + (" (and datasets.vla_data.ecot.action_dim)" if key == "action" else ""))
+
+
 def build_run(cfg: Config) -> Run:
     "Check the input paths, seed everything, then build data, processor, collator and policy."
     check_paths(cfg)
     seed_everything(cfg.seed)
     dataset = build_dataset(cfg)
+    check_dims(cfg, dataset.statistics)
     processor = build_processor(cfg, dataset)
     collator = build_collator(cfg, processor)
     policy = build_policy(cfg, processor, plain_statistics(dataset.statistics))
@@ -188,7 +203,11 @@ def run_config(config: str = "tiny", stage: int = 0, overrides=(), **params) -> 
     if unknown:
         raise TypeError(f"unknown parameters {sorted(unknown)}: expected any of {sorted(PARAMETER_KEYS)}")
     ov = list(overrides) + [f"{PARAMETER_KEYS[k]}={v}" for k, v in params.items() if v is not None]
-    cfg = with_stage(load_config(config, ov), int(stage))
+    try:
+        stage = int(stage)
+    except (TypeError, ValueError):
+        raise ValueError(f"stage = {stage!r}: expected an int (0: reasoning as text, k: the first k tags latent)") from None
+    cfg = with_stage(load_config(config, ov), stage)
     assert cfg.ecot.scheduled_stage == int(stage)
     return cfg
 

@@ -321,6 +321,7 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self._setup_craft(model)
         self.step, self.batches_consumed, self.epoch, self.nonfinite_steps = 0, 0, 0, 0
+        self._batches_at_step = 0
         self.stage, self.interrupted, self.wandb_id = self.stage_fn(0), False, None
         self.history: list[dict] = []
 
@@ -468,23 +469,43 @@ class Trainer:
             stale = clean_stale(self.ckpt_root)
             if stale:
                 print(f"removed what an interrupted save or deletion left in {self.ckpt_root}: {stale}")
-        logger = MetricsLogger(self.run_dir, cfg, enabled=acc.is_main_process, wandb_id=self.wandb_id)
-        self.wandb_id = logger.wandb_id
-        if ckpt is not None and logger.truncate(self.step) and acc.is_main_process:
-            print(f"metrics.jsonl: dropped the records after step {self.step}, which this resume writes again")
-        # Signal handlers can only be installed from the main thread (not, e.g., in a test runner's worker).
+        # Signal handlers first (a SIGTERM during W&B's start is not lost); only the main thread can install them.
         in_main = threading.current_thread() is threading.main_thread()
         old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
-        accum, step0 = cfg.trainer.gradient_accumulation_steps, self.step
-        prefetch = Prefetcher(batches, self.collate, lambda i: self.stage_fn(step0 + i // accum))
+        logger = prefetch = None
         try:
+            logger = MetricsLogger(self.run_dir, cfg, enabled=acc.is_main_process, wandb_id=self.wandb_id)
+            self.wandb_id = logger.wandb_id
+            if ckpt is not None and logger.truncate(self.step) and acc.is_main_process:
+                print(f"metrics.jsonl: dropped the records after step {self.step}, which this resume writes again")
+            accum, step0 = cfg.trainer.gradient_accumulation_steps, self.step
+            prefetch = Prefetcher(batches, self.collate, lambda i: self.stage_fn(step0 + i // accum))
             self._loop(prefetch, logger, stop_at or cfg.trainer.max_train_steps)
+        except Exception as e:
+            if not isinstance(e, (NonFiniteLossError, NonFiniteWeightsError)):
+                self._emergency_checkpoint(e)
+            raise
         finally:
-            prefetch.close()
+            if prefetch is not None:
+                prefetch.close()
             for s, h in old.items():
                 signal.signal(s, h)
-            logger.close()
+            if logger is not None:
+                logger.close()
         return self.history
+
+    def _emergency_checkpoint(self, error: Exception):
+        """After an exception in the loop, save the last completed step (data position of its end) when the
+        weights are finite; one process only (a collective save could wait forever for a rank that died)."""
+        if self.acc.num_processes > 1 or self.step == 0:
+            return
+        self.batches_consumed = self._batches_at_step
+        try:
+            path = self.save_checkpoint()
+            print(f"{type(error).__name__} during step {self.step + 1}: emergency checkpoint of step {self.step} "
+                  f"saved to {path}; resume with resume='latest'")
+        except Exception as e2:  # never hide the original error behind the save's
+            print(f"{type(error).__name__} during step {self.step + 1}; no emergency checkpoint ({type(e2).__name__}: {e2})")
 
     def _set_stage(self, logger):
         stage = self.stage_fn(self.step)
@@ -507,6 +528,7 @@ class Trainer:
                    disable=not (self.progress and acc.is_main_process))
         model.train()
         while self.step < min(max_steps, stop_at) and not self.interrupted:
+            self._batches_at_step = self.batches_consumed  # where an emergency checkpoint resumes the data
             self._set_stage(logger)
             data_time = model_time = 0.0
             finite, outs = True, []

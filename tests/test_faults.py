@@ -198,3 +198,38 @@ def test_ecot_train_exits_non_zero_when_preempted(tmp_path):
     t = time.time()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # a fresh run into the used directory
     assert again.returncode != 0 and "already holds" in again.stderr and time.time() - t < 30
+
+
+class Crashing(Lin):
+    "Raises in the forward of call `at`, like a data or device error in the middle of a run."
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def forward(self, batch):
+        if self.calls + 1 == self.at:
+            raise RuntimeError("injected failure")
+        return super().forward(batch)
+
+
+def test_an_exception_mid_run_saves_an_emergency_checkpoint_then_raises(tmp_path, capsys):
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _trainer(tmp_path / "run", 10, Crashing(at=5)).train()
+    ckpt = latest_checkpoint(tmp_path / "run/checkpoints")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert ckpt.name == "step_000004" and state["batches_consumed"] == 4  # the data position of step 4's end
+    assert "emergency checkpoint of step 4" in capsys.readouterr().out
+    resumed = _trainer(tmp_path / "run", 6).train(resume="latest")
+    assert [r["step"] for r in resumed] == [5, 6]
+
+
+def test_bad_inputs_fail_before_the_first_step():
+    from ecot.build import build_run, run_config
+    with pytest.raises(ValueError, match="stage = 'two'"):
+        run_config("tiny", "two")
+    cfg = run_config("tiny", 0, ["framework.action_model.action_dim=6", "datasets.vla_data.ecot.action_dim=6"])
+    with pytest.raises(ValueError, match=r"framework.action_model.action_dim = 6, but dataset 'bridge_orig' has 7"):
+        build_run(cfg)
+    cfg = run_config("tiny", 0, ["framework.action_model.state_dim=3"])
+    with pytest.raises(ValueError, match="state_dim = 3"):
+        build_run(cfg)
