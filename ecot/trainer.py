@@ -18,10 +18,11 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
@@ -31,10 +32,11 @@ from .config import Config, save_config
 from .craft import CRaFT, DualVariable, FrozenReference, PolicyRetentionFeatures, retention_loss
 
 # %% auto #0
-__all__ = ['STATE_FILE', 'COMPLETE', 'make_optimizer', 'make_scheduler', 'seed_everything', 'rng_state', 'set_rng_state',
-           'fsync_path', 'write_text_atomic', 'write_json', 'check_run_dir', 'clear_run_dir', 'checkpoints',
-           'latest_checkpoint', 'resolve_checkpoint', 'delete_checkpoint', 'clean_stale', 'MetricsLogger',
-           'read_metrics', 'NonFiniteLossError', 'NonFiniteWeightsError', 'Prefetcher', 'Trainer']
+__all__ = ['STATE_FILE', 'COMPLETE', 'SAFE_ON_RESUME', 'make_optimizer', 'make_scheduler', 'seed_everything', 'rng_state',
+           'set_rng_state', 'fsync_path', 'write_text_atomic', 'write_json', 'check_run_dir', 'clear_run_dir',
+           'resume_changes', 'checkpoints', 'latest_checkpoint', 'resolve_checkpoint', 'delete_checkpoint',
+           'clean_stale', 'MetricsLogger', 'read_metrics', 'NonFiniteLossError', 'NonFiniteWeightsError', 'Prefetcher',
+           'Trainer']
 
 # %% ../nbs/12_trainer.ipynb #cdb575ca
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -127,6 +129,54 @@ def clear_run_dir(run_dir):
             doomed = p.with_name(f".deleting_{name}")
             os.replace(p, doomed)
             shutil.rmtree(doomed) if doomed.is_dir() else doomed.unlink()
+
+
+# config keys a resume may change, and what then happens (everything else is refused by name)
+SAFE_ON_RESUME = {
+    "trainer.logging_frequency": "metrics are logged at the new frequency",
+    "trainer.save_interval": "checkpoints are saved at the new interval",
+    "trainer.eval_interval": "evaluation runs at the new interval",
+    "trainer.keep_last_checkpoints": "that many checkpoints are kept from now on",
+    "trainer.max_consecutive_nonfinite": "the run stops after that many non-finite steps in a row",
+    "wandb_mode": "W&B logs in the new mode", "wandb_project": "W&B logs to the new project",
+    "wandb_entity": "W&B logs to the new entity", "run_id": "the run is named anew in logs",
+    "run_root_dir": "only the default location of new runs changes",
+}
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
+def resume_changes(saved: Mapping, cfg: Config, step: int) -> list[str]:
+    """Check a resume's config against the checkpoint's (`saved`, its config.yaml as a dict): refuse changes that
+    would make the resumed run a different run, naming each (old -> new); return what the allowed ones do."""
+    old, new = _flat(saved), _flat(cfg.to_dict())
+    refused, notes = [], []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if a == b:
+            continue
+        change = f"{key}: {a!r} -> {b!r}"
+        if key == "trainer.max_train_steps" and cfg.trainer.lr_scheduler_type in ("constant",):
+            notes.append(f"{change}: trains on to step {b} (a constant learning rate extends unchanged)")
+        elif key == "trainer.max_train_steps":
+            refused.append(f"{change}: the {cfg.trainer.lr_scheduler_type} schedule was laid over {a} steps; over {b} "
+                           f"its learning rate would jump at step {step} (use lr_scheduler_type: constant to extend)")
+        elif key in SAFE_ON_RESUME:
+            notes.append(f"{change}: {SAFE_ON_RESUME[key]}")
+        else:
+            refused.append(change)
+    if step >= cfg.trainer.max_train_steps:
+        refused.append(f"the checkpoint is at step {step} and trainer.max_train_steps = {cfg.trainer.max_train_steps}: "
+                       "nothing would be trained; raise trainer.max_train_steps")
+    if refused:
+        raise ValueError("cannot resume with this config:\n  " + "\n  ".join(refused) +
+                         "\nrestore the checkpoint's values, or start a new run (another run_dir) for these changes")
+    return notes
 
 
 def checkpoints(ckpt_root: Path) -> list[Path]:
@@ -453,6 +503,10 @@ class Trainer:
         acc.wait_for_everyone()
         ckpt = resolve_checkpoint(resume, self.ckpt_root) if resume else None
         if ckpt is not None:
+            step = json.loads((ckpt / STATE_FILE).read_text())["step"]
+            for note in resume_changes(yaml.safe_load((ckpt / "config.yaml").read_text()), cfg, step):
+                if acc.is_main_process:
+                    print(f"resume: {note}")
             self.load_checkpoint(ckpt, restore_rng=False)
         batches = self._batches()
         for _ in range(self.batches_consumed):  # replay the data position...

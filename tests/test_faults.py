@@ -233,3 +233,20 @@ def test_bad_inputs_fail_before_the_first_step():
     cfg = run_config("tiny", 0, ["framework.action_model.state_dim=3"])
     with pytest.raises(ValueError, match="state_dim = 3"):
         build_run(cfg)
+
+
+def test_resume_refuses_a_changed_config_by_name_and_allows_the_safe_changes(tmp_path, capsys):
+    _trainer(tmp_path / "run", 6, save=3).train(stop_at=3)
+    with pytest.raises(ValueError, match=r"trainer.learning_rate.base: 0.05 -> 0.1") as e:
+        _trainer(tmp_path / "run", 6, learning_rate={"base": 0.1}, gradient_clipping=0.5).train(resume="latest")
+    assert "trainer.gradient_clipping: 1.0 -> 0.5" in str(e.value)  # every change is named
+    with pytest.raises(ValueError, match="nothing would be trained"):
+        _trainer(tmp_path / "run", 3).train(resume="latest")  # a silent no-op before
+    cosine = dict(lr_scheduler_type="cosine")
+    _trainer(tmp_path / "cos", 6, save=3, **cosine).train(stop_at=3)
+    with pytest.raises(ValueError, match="cosine schedule was laid over 6 steps"):
+        _trainer(tmp_path / "cos", 9, **cosine).train(resume="latest")
+    hist = _trainer(tmp_path / "run", 8, logging_frequency=2).train(resume="latest")  # constant lr: extends
+    out = capsys.readouterr().out
+    assert "trainer.max_train_steps: 6 -> 8" in out and "trainer.logging_frequency: 1 -> 2" in out
+    assert [r["step"] for r in hist] == [4, 6, 8]

@@ -93,9 +93,9 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     ckpt = checkpoints(tmp_path / "run/checkpoints")[-1]
     step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
     assert 3 <= step < 500
-    cfg = with_stage(load_config("tiny", ["trainer.max_train_steps=" + str(step + 1), "wandb_mode=disabled",
+    cfg = with_stage(load_config("tiny", ["trainer.max_train_steps=500", "wandb_mode=disabled",
                                           "datasets.vla_data.per_device_batch_size=2", "trainer.logging_frequency=1"]), 0)
-    rec = build_run(cfg).trainer(tmp_path / "run", progress=False).train(resume="latest")
+    rec = build_run(cfg).trainer(tmp_path / "run", progress=False).train(resume="latest", stop_at=step + 1)
     assert [r["step"] for r in rec] == [step + 1]
 
 
