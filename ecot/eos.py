@@ -19,8 +19,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['substep_ends_from_subtasks', 'eos_step_labels', 'eos_chunk_labels', 'load_substep_labels', 'fill_subtask_gaps',
-           'eos_labels_from_subtasks', 'EOSLabeler', 'EOSHead', 'EOSBufferManager', 'focal_loss', 'eos_metrics',
-           'EOSObjective']
+           'eos_labels_from_subtasks', 'EOSLabeler', 'EOSHead', 'EOSBufferManager', 'focal_loss', 'eos_counts',
+           'eos_scores', 'eos_metrics', 'EOSObjective']
 
 # %% ../nbs/14_eos.ipynb #afe70b73
 def substep_ends_from_subtasks(subtasks: list[Optional[str]]) -> list[int]:
@@ -219,16 +219,29 @@ def focal_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25, 
     return (a_t * (1 - p_t) ** gamma * ce).mean()
 
 
-def eos_metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
-    "Accuracy, precision, recall and F1 of `sigmoid(logits) >= threshold` (0 where undefined)."
+def eos_counts(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
+    "True/false positives/negatives of `sigmoid(logits) >= threshold` (`*_count` keys: summed, never averaged)."
     pred = torch.sigmoid(logits.detach().float()) >= threshold
     y = labels.detach() > 0.5
-    tp, fp, fn = (pred & y).sum().item(), (pred & ~y).sum().item(), (~pred & y).sum().item()
+    return {f"eos_{k}_count": float(v.sum()) for k, v in
+            (("tp", pred & y), ("fp", pred & ~y), ("fn", ~pred & y), ("tn", ~pred & ~y))}
+
+
+def eos_scores(counts: dict) -> dict[str, float]:
+    "Accuracy, precision, recall, F1 and positive rate from summed `eos_*_count`s (0 where undefined)."
+    tp, fp, fn, tn = (counts[f"eos_{k}_count"] for k in ("tp", "fp", "fn", "tn"))
+    n = tp + fp + fn + tn
     prec = tp / (tp + fp) if tp + fp else 0.0
     rec = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-    return {"eos_accuracy": (pred == y).float().mean().item() if y.numel() else 0.0,
-            "eos_precision": prec, "eos_recall": rec, "eos_f1": f1}
+    return {"eos_accuracy": (tp + tn) / n if n else 0.0, "eos_precision": prec, "eos_recall": rec,
+            "eos_f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+            "eos_positive_rate": (tp + fn) / n if n else 0.0}
+
+
+def eos_metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
+    "Counts and scores of one set of predictions."
+    counts = eos_counts(logits, labels, threshold)
+    return {**counts, **eos_scores(counts)}
 
 # %% ../nbs/14_eos.ipynb #c35aea80
 class EOSObjective(nn.Module):
@@ -251,7 +264,7 @@ class EOSObjective(nn.Module):
         dtype = self.head.net[0].weight.dtype  # hidden states may come in the action head's (lower) precision
         h, y = hidden[mask.bool()].to(dtype), labels[mask.bool()].to(dtype)
         logits = self.head(h)
-        metrics = eos_metrics(logits, y, self.threshold)
+        metrics = eos_counts(logits, y, self.threshold)  # scores from summed counts: ECoTPolicy.derived_metrics
         metrics["eos_labelled_steps"] = float(y.numel())
         if self.loss_type != "buffer" and y.numel() == 0:  # nothing labelled in this batch: no loss (not NaN)
             metrics["eos_ready"] = 0.0

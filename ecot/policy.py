@@ -22,7 +22,7 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from .action_head import FlowMatchingActionHead
 from .backbone import (TINY_VLM, QwenVLBackbone, build_qwen3vl, resolve_attn_implementation)
-from .eos import EOSBufferManager, EOSObjective
+from .eos import EOSBufferManager, EOSObjective, eos_scores
 from .inference import (ActingSpec, Reasoner, action_statistics, dataset_statistics_of, observation_sample,
                             parse_reasoning, unnormalize_actions)
 
@@ -148,6 +148,10 @@ class ECoTPolicy(nn.Module):
                 total = total + self.lambda_eos * eos_loss
         out["total_loss"] = total
         return out
+
+    def derived_metrics(self, record: dict) -> dict:
+        "Rates from metrics the trainer summed over a window and the ranks: EOS scores from its counts."
+        return eos_scores(record) if "eos_tp_count" in record else {}
 
     def eos_hidden(self, vlm_hidden: torch.Tensor, attention_mask: torch.Tensor, actions: torch.Tensor,
                    states: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -672,15 +672,20 @@ class Trainer:
                 f"checkpoint of step {self.step} saved to {path}. Lower trainer.learning_rate.base or check the data.")
 
     def _reduce(self, window: dict, n_samples: int, seconds: float) -> dict:
-        "Means over the window, averaged across ranks; throughput over all ranks."
+        """Means over the window, averaged across ranks; `*_count` metrics summed over the window and the ranks
+        (the model's `derived_metrics(record)`, if it has one, turns them into rates); throughput over all ranks."""
         keys = sorted(window)
-        local = torch.tensor([sum(window[k]) / len(window[k]) for k in keys] + [n_samples], device=self.acc.device,
-                             dtype=torch.float64)
+        counts = torch.tensor([k.endswith("_count") for k in keys], device=self.acc.device)
+        local = torch.tensor([sum(window[k]) / (1 if k.endswith("_count") else len(window[k])) for k in keys]
+                             + [n_samples], device=self.acc.device, dtype=torch.float64)
         if self.acc.num_processes > 1:
             local = self.acc.reduce(local, reduction="sum")
-            local[:-1] /= self.acc.num_processes
+            local[:-1] = torch.where(counts, local[:-1], local[:-1] / self.acc.num_processes)
         rec = {"step": self.step, "stage": self.stage, "epoch": self.epoch}
         rec.update({k: float(v) for k, v in zip(keys, local[:-1].tolist())})
+        derive = getattr(self.acc.unwrap_model(self.model), "derived_metrics", None)
+        if derive is not None:
+            rec.update(derive(rec))
         rec["samples_per_s"] = float(local[-1]) / max(seconds, 1e-9)
         rec["nonfinite_steps"] = self.nonfinite_steps
         return rec

@@ -250,3 +250,19 @@ def test_resume_refuses_a_changed_config_by_name_and_allows_the_safe_changes(tmp
     out = capsys.readouterr().out
     assert "trainer.max_train_steps: 6 -> 8" in out and "trainer.logging_frequency: 1 -> 2" in out
     assert [r["step"] for r in hist] == [4, 6, 8]
+
+
+class Counting(Lin):
+    "Emits per-batch counts with different denominators, and a rate derived from their sums."
+    def forward(self, batch):
+        out = super().forward(batch)
+        return {**out, "hit_count": float(self.calls == 1), "seen_count": float(self.calls)}
+
+    def derived_metrics(self, record):
+        return {"hit_rate": record["hit_count"] / record["seen_count"]}
+
+
+def test_count_metrics_are_summed_over_the_window_and_rates_derived_from_the_sums(tmp_path):
+    recs = _trainer(tmp_path / "run", 4, Counting(), logging_frequency=2).train()
+    assert [(r["hit_count"], r["seen_count"]) for r in recs] == [(1.0, 3.0), (0.0, 7.0)]
+    assert recs[0]["hit_rate"] == 1 / 3  # the mean of per-step rates would be (1 + 0) / 2
