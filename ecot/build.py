@@ -24,7 +24,7 @@ from .policy import ECoTPolicy
 from .processor import load_processor
 from .render import stage_at
 from .synthetic import embedded_dataset
-from .trainer import Trainer, check_run_dir, seed_everything
+from .trainer import Trainer, check_run_dir, resolve_checkpoint, seed_everything
 
 # %% auto #0
 __all__ = ['EOS_KEYS', 'PARAMETER_KEYS', 'data_root', 'build_dataset', 'build_loader', 'plain_statistics', 'build_processor',
@@ -228,6 +228,8 @@ def main(argv=None):
     cfg = run_config(a.config, a.stage, a.override, **{k: getattr(a, k) for k in PARAMETER_KEYS})
     run_dir = Path(a.run_dir) if a.run_dir else default_run_dir(cfg)
     check_run_dir(run_dir, a.resume, a.overwrite)  # before the minutes of building data and model
+    if a.resume:
+        resolve_checkpoint(a.resume, run_dir / "checkpoints")  # a missing checkpoint fails now, not after the build
     run = build_run(cfg)
     trainer = run.trainer(run_dir)
     trainer.train(resume=a.resume, overwrite=a.overwrite)

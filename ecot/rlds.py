@@ -8,11 +8,10 @@ Docs: https://ecot-dev.github.io/ecot/rlds.html.md"""
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -131,17 +130,10 @@ STATS_VERSION = 1  # bump when the statistics' definition changes (invalidates t
 
 
 def dataset_fingerprint(builder, spec: DatasetSpec) -> str:
-    "Hash of the dataset's identity/content and the transform config (the statistics cache key)."
-    h = hashlib.sha256()
-    data_dir = Path(builder.data_dir)
-    h.update((data_dir / "dataset_info.json").read_bytes())
-    for split in sorted(builder.info.splits):
-        for f in sorted(shard_files(builder, split)):
-            h.update(f"{f.name}:{f.stat().st_size}:".encode())
-            with open(f, "rb") as fh:
-                h.update(hashlib.sha256(fh.read(1 << 16)).digest())
-    h.update(json.dumps({"spec": asdict(spec), "stats_version": STATS_VERSION}, sort_keys=True).encode())
-    return h.hexdigest()[:16]
+    "The statistics cache key of a TFDS builder (`ecot.tfds_reader.fingerprint` over every split's shards)."
+    return _numpy_reader.fingerprint(Path(builder.data_dir) / "dataset_info.json",
+                                     [f for split in sorted(builder.info.splits) for f in sorted(shard_files(builder, split))],
+                                     spec)
 
 
 def find_corrupt_shards(files: Sequence[Path]) -> list[tuple[Path, str]]:

@@ -30,8 +30,8 @@ __all__ = ['DATASETS', 'MIXTURES', 'STATS_VERSION', 'BACKENDS', 'DatasetSpec', '
            'iter_tfrecord', 'write_tfrecord', 'ProtoDecodeError', 'parse_example', 'parse_sequence_example',
            'FeatureSpecError', 'Leaf', 'parse_features', 'leaves', 'decode_image_bytes', 'decode_example',
            'ReadInstruction', 'check_data_root', 'dataset_dir', 'TFDSDirectory', 'standardize_trajectory',
-           'chunk_actions', 'normalize_bounds_q99', 'trajectory_transform', 'flatten', 'cache_dir',
-           'dataset_fingerprint', 'compute_dataset_statistics', 'dataset_statistics', 'resize_like_tf',
+           'chunk_actions', 'normalize_bounds_q99', 'trajectory_transform', 'flatten', 'cache_dir', 'file_digests',
+           'fingerprint', 'dataset_fingerprint', 'compute_dataset_statistics', 'dataset_statistics', 'resize_like_tf',
            'check_image_size', 'check_pipeline_args', 'decode_and_resize', 'augment_image', 'frame_transform',
            'shuffle_buffer', 'sample_from', 'split_for', 'frames_of_dataset', 'make_interleaved_frames',
            'tensorflow_available', 'resolve_backend', 'interleaved_frames']
@@ -754,17 +754,44 @@ def cache_dir(path=None) -> Path:
     return Path(path or os.environ.get("ECOT_CACHE") or Path.home() / ".cache" / "ecot").expanduser()
 
 
-def dataset_fingerprint(directory: TFDSDirectory, spec: DatasetSpec) -> str:
-    "Hash of the dataset's identity/content and the transform config (the statistics cache key)."
-    h = hashlib.sha256()
-    h.update((directory.path / "dataset_info.json").read_bytes())
-    for split in sorted(directory.splits):
-        for f in sorted(directory.files(split)):
-            h.update(f"{f.name}:{f.stat().st_size}:".encode())
+def file_digests(files: Sequence[Path], cache=None) -> list[str]:
+    "The sha256 of each whole file, cached by path, size and modification time (a changed file is hashed again)."
+    cache_file = cache_dir(cache) / "file_digests.json"
+    try:
+        known = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    except ValueError:  # a damaged cache is rebuilt, never trusted
+        known = {}
+    out, changed = [], False
+    for f in files:
+        st = Path(f).stat()
+        key = f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in known:
+            h = hashlib.sha256()
             with open(f, "rb") as fh:
-                h.update(hashlib.sha256(fh.read(1 << 16)).digest())
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+            known = {k: v for k, v in known.items() if not k.startswith(f"{Path(f).resolve()}|")}
+            known[key], changed = h.hexdigest(), True
+        out.append(known[key])
+    if changed:
+        _atomic_write_json(known, cache_file)
+    return out
+
+
+def fingerprint(info_json: Path, files: Sequence[Path], spec: DatasetSpec) -> str:
+    "Hash of a dataset (its info, every shard's name, size and full content) and the transform config."
+    h = hashlib.sha256()
+    h.update(Path(info_json).read_bytes())
+    for f, digest in zip(files, file_digests(files)):
+        h.update(f"{Path(f).name}:{Path(f).stat().st_size}:{digest}".encode())
     h.update(json.dumps({"spec": asdict(spec), "stats_version": STATS_VERSION}, sort_keys=True).encode())
     return h.hexdigest()[:16]
+
+
+def dataset_fingerprint(directory: TFDSDirectory, spec: DatasetSpec) -> str:
+    "The statistics cache key of a TFDS directory (`fingerprint` over every split's shards)."
+    return fingerprint(directory.path / "dataset_info.json",
+                       [f for split in sorted(directory.splits) for f in sorted(directory.files(split))], spec)
 
 
 def _array_stats(x: np.ndarray) -> dict:

@@ -266,3 +266,31 @@ def test_count_metrics_are_summed_over_the_window_and_rates_derived_from_the_sum
     recs = _trainer(tmp_path / "run", 4, Counting(), logging_frequency=2).train()
     assert [(r["hit_count"], r["seen_count"]) for r in recs] == [(1.0, 3.0), (0.0, 7.0)]
     assert recs[0]["hit_rate"] == 1 / 3  # the mean of per-step rates would be (1 + 0) / 2
+
+
+def test_a_missing_resume_checkpoint_fails_before_anything_is_built(tmp_path):
+    import shutil
+    t = time.time()
+    r = subprocess.run([shutil.which("ecot-train"), "--config", "tiny", "--run-dir", str(tmp_path / "nothing"),
+                        "--resume", "latest", "--wandb-mode", "disabled"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no complete checkpoint under" in r.stderr
+    assert time.time() - t < 30 and not (tmp_path / "nothing").exists()
+
+
+def test_the_dataset_fingerprint_sees_a_change_anywhere_in_a_shard(tmp_path):
+    "A byte changed past the first 64 KiB of a shard changes the statistics cache key (it did not before)."
+    import shutil
+    from ecot.synthetic import embedded_dataset
+    from ecot.tfds_reader import DATASETS, TFDSDirectory, dataset_fingerprint, file_digests
+    root = tmp_path / "data"
+    shutil.copytree(embedded_dataset(), root)
+    directory = TFDSDirectory(next(root.rglob("dataset_info.json")).parent)
+    spec = DATASETS["bridge_orig"]
+    before = dataset_fingerprint(directory, spec)
+    shard = max((f for s in directory.splits for f in directory.files(s)), key=lambda f: f.stat().st_size)
+    assert shard.stat().st_size > (1 << 16) + 10
+    data = bytearray(shard.read_bytes())
+    data[(1 << 16) + 5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert dataset_fingerprint(directory, spec) != before
+    assert file_digests([shard]) == file_digests([shard])  # cached: the same answer without hashing again
