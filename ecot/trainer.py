@@ -30,13 +30,13 @@ from transformers import get_scheduler
 
 from .config import Config, save_config
 from .craft import CRaFT, DualVariable, FrozenReference, PolicyRetentionFeatures, retention_loss
+from .policy import fsync_tree
 
 # %% auto #0
 __all__ = ['STATE_FILE', 'COMPLETE', 'SAFE_ON_RESUME', 'make_optimizer', 'make_scheduler', 'seed_everything', 'rng_state',
-           'set_rng_state', 'fsync_path', 'write_text_atomic', 'write_json', 'check_run_dir', 'clear_run_dir',
-           'resume_changes', 'checkpoints', 'latest_checkpoint', 'resolve_checkpoint', 'delete_checkpoint',
-           'clean_stale', 'MetricsLogger', 'read_metrics', 'NonFiniteLossError', 'NonFiniteWeightsError', 'Prefetcher',
-           'Trainer']
+           'set_rng_state', 'write_text_atomic', 'write_json', 'check_run_dir', 'clear_run_dir', 'resume_changes',
+           'checkpoints', 'latest_checkpoint', 'resolve_checkpoint', 'delete_checkpoint', 'clean_stale',
+           'MetricsLogger', 'read_metrics', 'NonFiniteLossError', 'NonFiniteWeightsError', 'Prefetcher', 'Trainer']
 
 # %% ../nbs/12_trainer.ipynb #cdb575ca
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -83,15 +83,6 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
 
-def fsync_path(path: Path):
-    "Flush a file or a directory entry to disk."
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_text_atomic(text: str, path: Path) -> Path:
     "Write `text` to `path` through a temporary file, fsync, rename: readers see the old file or the new one."
     path = Path(path)
@@ -101,7 +92,7 @@ def write_text_atomic(text: str, path: Path) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_path(path.parent)
+    fsync_tree(path.parent, recursive=False)
     return path
 
 
@@ -212,7 +203,7 @@ def resolve_checkpoint(resume: str | os.PathLike, ckpt_root: Path) -> Path:
 def delete_checkpoint(ckpt: Path):
     "Remove the completion marker first, then rename out of the way, then delete: a crash never leaves a half-deleted checkpoint that counts."
     (ckpt / COMPLETE).unlink(missing_ok=True)
-    fsync_path(ckpt)
+    fsync_tree(ckpt, recursive=False)
     doomed = ckpt.with_name(f".deleting_{ckpt.name}")
     os.replace(ckpt, doomed)
     shutil.rmtree(doomed)
@@ -426,13 +417,12 @@ class Trainer:
             write_json(self.state(), tmp / STATE_FILE)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            for f in tmp.iterdir():
-                fsync_path(f)
+            fsync_tree(tmp)
             write_text_atomic(f"step {self.step}\n", tmp / COMPLETE)  # last: the checkpoint is whole
             if final.exists():  # the same step saved again (a stop, then the end of the run)
                 delete_checkpoint(final)
             os.replace(tmp, final)
-            fsync_path(self.ckpt_root)
+            fsync_tree(self.ckpt_root, recursive=False)
             write_text_atomic(final.name + "\n", self.ckpt_root / "latest")
             for old in checkpoints(self.ckpt_root)[:-self.cfg.trainer.keep_last_checkpoints]:
                 if old != final:
