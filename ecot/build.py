@@ -112,13 +112,15 @@ def build_policy(cfg: Config, processor, dataset_statistics: Optional[dict] = No
 
 
 def compile_model(policy: ECoTPolicy, compile="auto") -> bool:
-    """`framework.qwenvl.compile`: torch.compile the decoder layers (stage-0 passes) and the latent column step.
+    """`framework.qwenvl.compile`: torch.compile the decoder layers (stage-0 passes), the latent column step and the
+    action head's DiT blocks.
 
     `auto` compiles on CUDA only (on a CPU the compile time outweighs the gain for the tiny default)."""
     on = torch.cuda.is_available() if compile == "auto" else bool(compile)
     policy.backbone.compile_columns = on
     if on:
         policy.backbone.compile_blocks()
+        policy.action_head.compile_blocks()
     return on
 
 

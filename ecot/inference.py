@@ -28,8 +28,9 @@ from .tfds_reader import normalize_bounds_q99, resize_like_tf
 
 # %% auto #0
 __all__ = ['ActingSpec', 'json_ready', 'dataset_statistics_of', 'action_statistics', 'unnormalize_actions', 'observation_sample',
-           'parse_reasoning', 'vision_inputs', 'vision_block', 'vision_pass', 'prompt_layer', 'prompt_pass',
-           'image_positions', 'ColumnState', 'Graphed', 'Reasoned', 'Reasoner', 'teacher_forced_gap']
+           'parse_reasoning', 'compiled', 'vision_inputs', 'vision_block', 'vision_pass', 'prompt_layer', 'prompt_pass',
+           'image_positions', 'FusedProjections', 'decode_layer', 'ColumnState', 'Graphed', 'Reasoned', 'Reasoner',
+           'teacher_forced_gap']
 
 # %% ../nbs/10_inference.ipynb #a453c508
 @dataclass(frozen=True)
@@ -163,6 +164,16 @@ def parse_reasoning(text: str, tags: Sequence[str] = TAGS) -> dict[str, str]:
     return {tag: body.strip() for tag, body in zip(parts[1::2], parts[2::2])}
 
 # %% ../nbs/10_inference.ipynb #13d46619
+_COMPILED: dict = {}
+
+
+def compiled(fn: Callable) -> Callable:
+    "`fn` through `torch.compile` (whole graph, dynamic shapes: one graph for every block, layer and request shape), built once."
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=True)
+    return _COMPILED[fn]
+
+
 def vision_inputs(visual, grid_thw: torch.Tensor) -> dict:
     "The grid-dependent inputs of the vision tower: interpolation indices/weights, rotary positions, attention mask."
     grid_thw = grid_thw.to(next(visual.parameters()).device)
@@ -187,15 +198,16 @@ def vision_block(block, x, cos, sin, mask):
     return x + block.mlp(block.norm2(x))
 
 
-def vision_pass(visual, pixel_values, inputs: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def vision_pass(visual, pixel_values, inputs: dict, compile: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     "Merged image features (n_image_tokens, H) and the deepstack features, from `vision_inputs` of the grid."
+    block_fn = compiled(vision_block) if compile else vision_block
     x = visual.patch_embed(pixel_values.type(visual.dtype))
     pos = (visual.pos_embed(inputs["interp_indices"]) * inputs["interp_weights"][:, :, None]).sum(1)
     x = x + pos.to(x.dtype)
     cos, sin = visual.rotary_pos_emb(x, inputs["position_ids"])
     deepstack = []
     for i, block in enumerate(visual.blocks):
-        x = vision_block(block, x, cos, sin, inputs["mask"])
+        x = block_fn(block, x, cos, sin, inputs["mask"])
         if i in visual.deepstack_visual_indexes:
             deepstack.append(visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(i)](x))
     return visual.merger(x), deepstack
@@ -215,17 +227,11 @@ def prompt_layer(layer, x, cos, sin, attn_mask):
     return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
 
 
-_COMPILED_PROMPT_LAYER = None
-
-
 def prompt_pass(backbone: QwenVLBackbone, embeds, attention_mask, position_ids, vis_idx=None, deepstack=None,
-                compiled: bool = False):
+                compile: bool = False):
     """The prompt through the language model: (chosen-layer hidden, final-norm hidden, [(keys, values)] per layer).
     `vis_idx`: the image tokens' positions in the flattened (B·P) prompt, where `deepstack` features are added."""
-    global _COMPILED_PROMPT_LAYER
-    if compiled and _COMPILED_PROMPT_LAYER is None:
-        _COMPILED_PROMPT_LAYER = torch.compile(prompt_layer, fullgraph=True, dynamic=True)
-    layer_fn = _COMPILED_PROMPT_LAYER if compiled else prompt_layer
+    layer_fn = compiled(prompt_layer) if compile else prompt_layer
     lm, n = backbone.language_model, backbone.hidden_layer
     B, P, H = embeds.shape
     cos, sin = lm.rotary_emb(embeds, position_ids[1:] if position_ids.shape[0] == 4 else position_ids)
@@ -249,10 +255,77 @@ def image_positions(batch: Mapping, image_token_id: int) -> torch.Tensor:
     return (batch["input_ids"] == image_token_id).reshape(-1).nonzero()[:, 0]
 
 
+class FusedProjections:
+    """Per decoder layer, the q|k|v and the gate|up weights (and biases) concatenated: one matrix product each where
+    a column would run five. At batch 1 a column is bound by how fast small products stream their weights, and fewer,
+    larger ones stream faster (`bench/inference.py`). The copies follow the weights: `refresh()` re-copies them in
+    place (CUDA graphs keep their addresses) when a weight was changed in place or replaced, so a policy evaluated
+    during training acts with its current weights."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.fused = [(self._cat(self._qkv(l), "weight"), self._cat(self._qkv(l), "bias"),
+                       self._cat(self._gate_up(l), "weight"), self._cat(self._gate_up(l), "bias")) for l in layers]
+        self.key = self._key()
+
+    @staticmethod
+    def _qkv(layer): return [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
+
+    @staticmethod
+    def _gate_up(layer): return [layer.mlp.gate_proj, layer.mlp.up_proj]
+
+    @staticmethod
+    def _cat(linears, name):
+        parts = [getattr(m, name) for m in linears]
+        return None if parts[0] is None else torch.cat([p.detach() for p in parts])
+
+    def _key(self):
+        "Identity and in-place version of every source weight: changes when training or loading touches one."
+        return tuple((p.data_ptr(), p._version) for l in self.layers for m in self._qkv(l) + self._gate_up(l)
+                     for p in m.parameters())
+
+    @torch.no_grad()
+    def refresh(self):
+        key = self._key()
+        if key != self.key:
+            for l, fused in zip(self.layers, self.fused):
+                for out, linears, name in zip(fused, [self._qkv(l)] * 2 + [self._gate_up(l)] * 2, ["weight", "bias"] * 2):
+                    if out is not None:
+                        torch.cat([getattr(m, name) for m in linears], out=out)
+            self.key = key
+
+
+def decode_layer(layer, x, cos, sin, k_cache, v_cache, col, key_mask, fused):
+    """One column `x` (B, 1, H) through one decoder layer over a static KV buffer (B, kv_heads, L, D).
+
+    `fused`: the layer's (qkv weight, qkv bias, gate|up weight, gate|up bias) from `FusedProjections`. The column's
+    keys and values are written in place at `col` (a (1,) index), then it attends to every key that `key_mask`
+    (B, 1, 1, L) shows: the `G` query heads of a KV head as `G` queries of it (what `repeat_kv` does), softmax in
+    float32 at least, as in training's `column_layer`."""
+    attn, mlp, B = layer.self_attn, layer.mlp, x.shape[0]
+    qkv_w, qkv_b, gu_w, gu_b = fused
+    h = layer.input_layernorm(x)
+    D, kv_heads = attn.head_dim, k_cache.shape[1]
+    q, k, v = F.linear(h, qkv_w, qkv_b).split([qkv_w.shape[0] - 2 * kv_heads * D, kv_heads * D, kv_heads * D], -1)
+    q = attn.q_norm(q.reshape(B, 1, -1, D))
+    k = attn.k_norm(k.reshape(B, 1, kv_heads, D))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+    k_cache.index_copy_(2, col, k.transpose(1, 2))
+    v_cache.index_copy_(2, col, v.reshape(B, 1, kv_heads, D).transpose(1, 2))
+    q = q.reshape(B, kv_heads, -1, D)  # (B, kv_heads, G, D)
+    s = (q @ k_cache.transpose(-1, -2)) * attn.scaling
+    s = s.to(torch.promote_types(s.dtype, torch.float32)).masked_fill(~key_mask, float("-inf"))
+    o = torch.softmax(s, -1).to(q.dtype) @ v_cache
+    x = x + attn.o_proj(o.reshape(B, 1, -1))
+    gate, up = F.linear(layer.post_attention_layernorm(x), gu_w, gu_b).chunk(2, -1)
+    return x + mlp.down_proj(mlp.act_fn(gate) * up)
+
+
 class ColumnState:
     "Static buffers of one decoding shape and the one-column step over them (see the prose)."
 
-    def __init__(self, backbone: QwenVLBackbone, batch: Mapping, N: int, noise_shape: Optional[tuple[int, int]] = None):
+    def __init__(self, backbone: QwenVLBackbone, batch: Mapping, N: int, noise_shape: Optional[tuple[int, int]] = None,
+                 fused: Optional[FusedProjections] = None):
         "Buffers for prompt batches shaped like `batch` (from `ECoTCollator.prompts`) and N generated columns."
         cfg, vlm = backbone.vlm.config.text_config, backbone.vlm
         p = next(vlm.parameters())
@@ -269,21 +342,21 @@ class ColumnState:
         kv = lambda n: [tuple(torch.zeros(B, cfg.num_key_value_heads, n, cfg.head_dim, device=dev, dtype=dt)
                               for _ in range(2)) for _ in range(cfg.num_hidden_layers)]
         self.backbone, self.B, self.P, self.N = backbone, B, P, N
-        self.prefix_kv, self.gen_kv = kv(P), kv(N)
+        self.kv = kv(P + N)  # per layer: the prompt's keys/values, then the generated columns'
         self.prefix_hidden = torch.zeros(B, P, cfg.hidden_size, device=dev, dtype=dt)
         self.hidden = torch.zeros(B, N, cfg.hidden_size, device=dev, dtype=dt)
         self.key_mask = torch.zeros(B, 1, 1, P + N, dtype=torch.bool, device=dev)
         self.start = torch.zeros(B, dtype=torch.long, device=dev)  # position of generated column 0
         self.t = torch.zeros((), dtype=torch.long, device=dev)  # the next generated column
         self.tok = torch.zeros(B, dtype=torch.long, device=dev)
-        self.latent = torch.zeros((), dtype=torch.bool, device=dev)
         self.alive = torch.ones(B, dtype=torch.bool, device=dev)
         self.prev = torch.zeros(B, 1, cfg.hidden_size, device=dev, dtype=dt)  # last hidden of the previous column
         self.next_tok = torch.zeros(B, dtype=torch.long, device=dev)
         self.states = None if states is None else torch.zeros(B, states.shape[-1], device=dev)
         self.noise = torch.zeros(B, *noise_shape, device=dev) if noise_shape else None
-        self.slots, self.key_cols = torch.arange(N, device=dev), torch.arange(P + N, device=dev)
-        self.column_fn = backbone._column_step(dev)
+        self.key_cols = torch.arange(P + N, device=dev)
+        self.layer_fn = compiled(decode_layer) if self.compiled else decode_layer
+        self.fused = fused or FusedProjections(backbone.language_model.layers)
 
     def set_inputs(self, batch: Mapping):
         "Copy a prompt batch of this state's shape into the input buffers."
@@ -297,7 +370,7 @@ class ColumnState:
         bb = self.backbone
         embeds, deepstack = bb.vlm.model.get_input_embeddings()(self.input_ids), None
         if self.pixel_values is not None:  # image features into the image tokens' rows, as masked_scatter would
-            feats, deepstack = vision_pass(bb.vlm.model.visual, self.pixel_values, self.vision)
+            feats, deepstack = vision_pass(bb.vlm.model.visual, self.pixel_values, self.vision, self.compiled)
             B, P, H = embeds.shape
             embeds = embeds.reshape(B * P, H).index_copy(0, self.vis_idx, feats.to(embeds.dtype)).view(B, P, H)
         hidden, last, kv = prompt_pass(bb, embeds, self.attention_mask, self.position_ids, self.vis_idx, deepstack,
@@ -306,12 +379,11 @@ class ColumnState:
 
     def load_prefill(self, kv, hidden, last):
         "Start a request: the prompt's keys/values, hidden states and mask; positions continue after the prompt."
-        for (k, v), (pk, pv) in zip(self.prefix_kv, kv):
-            k.copy_(pk)
-            v.copy_(pv)
-        for k, v in self.gen_kv:
-            k.zero_()
-            v.zero_()
+        for (k, v), (pk, pv) in zip(self.kv, kv):
+            k[:, :, :self.P].copy_(pk)
+            v[:, :, :self.P].copy_(pv)
+            k[:, :, self.P:].zero_()  # masked keys stay finite (0 · NaN would not be 0)
+            v[:, :, self.P:].zero_()
         self.prefix_hidden.copy_(hidden)
         self.hidden.zero_()
         self.key_mask.zero_()
@@ -322,22 +394,26 @@ class ColumnState:
         self.prev.copy_(last[:, -1:])
         self.next_tok.copy_(self.backbone.vlm.lm_head(last[:, -1]).argmax(-1))
 
-    def step(self):
+    def step(self, latent: bool):
         "One generated column for every row (see the prose); reads and writes only this state's buffers."
         bb = self.backbone
-        lm = bb.language_model
-        x = torch.where(self.latent, self.prev, bb.vlm.model.get_input_embeddings()(self.tok)[:, None])
-        self.key_mask.logical_or_(((self.key_cols == self.P + self.t) & self.alive[:, None])[:, None, None])
+        lm, n = bb.language_model, bb.hidden_layer
+        x = self.prev if latent else bb.vlm.model.get_input_embeddings()(self.tok)[:, None]
+        col = (self.P + self.t).view(1)
+        self.key_mask.logical_or_(((self.key_cols == col) & self.alive[:, None])[:, None, None])
         pos = (self.start + self.t).view(1, -1, 1).expand(3, -1, 1)
         cos, sin = lm.rotary_emb(x, pos)
-        chosen, last, kv = self.column_fn(lm.layers, lm.norm, x, cos, sin, self.prefix_kv, self.gen_kv,
-                                          self.slots == self.t, self.key_mask, bb.hidden_layer)
-        for (k, v), (nk, nv) in zip(self.gen_kv, kv):
-            k.copy_(nk)
-            v.copy_(nv)
-        self.hidden.index_copy_(1, self.t.view(1), chosen)
+        chosen = x
+        for i, (layer, (k, v), fused) in enumerate(zip(lm.layers, self.kv, self.fused.fused)):
+            x = self.layer_fn(layer, x, cos, sin, k, v, col, self.key_mask, fused)
+            if i + 1 == n:
+                chosen = x
+        last = lm.norm(x)
+        # transformers' hidden_states[-1] is the final-norm state (so is hidden_layer == num_layers)
+        self.hidden.index_copy_(1, self.t.view(1), last if n in (-1, len(lm.layers)) else chosen)
         self.prev.copy_(last)
-        self.next_tok.copy_(bb.vlm.lm_head(last[:, 0]).argmax(-1))
+        if not latent:  # a latent column's successor is its hidden state: no token to choose
+            self.next_tok.copy_(bb.vlm.lm_head(last[:, 0]).argmax(-1))
         self.t.add_(1)
 
     def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -399,6 +475,7 @@ class Reasoner:
         self.cuda_graphs, self.pad_to_multiple_of = cuda_graphs, pad_to_multiple_of
         self.timed = False  # synchronise and time each phase (diagnostics)
         self._states: dict[tuple, tuple] = {}
+        self._fused: dict[tuple, FusedProjections] = {}  # one copy per device and dtype, shared by every shape
 
     def graphs_on(self, device) -> bool:
         return self.cuda_graphs and torch.device(device).type == "cuda"
@@ -410,11 +487,14 @@ class Reasoner:
         key = (shape("input_ids"), shape("pixel_values"), shape("states"), str(batch.get("image_grid_thw")), N,
                noise_shape, num_steps, p.device, p.dtype)
         if key not in self._states:
-            st = ColumnState(self.backbone, batch, N, noise_shape)
+            fkey = (p.device, p.dtype)
+            if fkey not in self._fused:
+                self._fused[fkey] = FusedProjections(self.backbone.language_model.layers)
+            st = ColumnState(self.backbone, batch, N, noise_shape, self._fused[fkey])
             dev = st.hidden.device if self.graphs_on(st.hidden.device) else torch.device("cpu")
             act = lambda: self.act(*st.columns(), st.states, st.noise, num_steps)
-            self._states[key] = (st, Graphed(st.prefill, dev), Graphed(st.step, dev, setup=st.t.zero_),
-                                 Graphed(act, dev))
+            column = lambda latent: Graphed(lambda: st.step(latent), dev, setup=st.t.zero_)
+            self._states[key] = (st, Graphed(st.prefill, dev), column(True), column(False), Graphed(act, dev))
         return self._states[key]
 
     @torch.no_grad()
@@ -427,7 +507,8 @@ class Reasoner:
         n_latent = n_thinking if stage else 0
         n_text = max_new_tokens if decode else 0
         N = n_latent + (1 if stage else 0) + n_text + 1  # + <|end_of_thinking|>, + the closing <|im_end|>
-        st, prefill, column, act = self._state(batch, N, tuple(noise.shape[1:]), num_steps)
+        st, prefill, latent, column, act = self._state(batch, N, tuple(noise.shape[1:]), num_steps)
+        st.fused.refresh()
         timings, t0 = {}, [time.perf_counter()]
 
         def mark(phase):  # wall time per phase (GPU work included) when `timed`, for `bench/inference.py --profile`
@@ -436,24 +517,23 @@ class Reasoner:
                 timings[phase] = (time.perf_counter() - t0[0]) * 1e3
                 t0[0] = time.perf_counter()
 
-        # 1. prefill
+        # 1. prefill (the noise goes in now too: nothing on the way to the act waits for the host)
         with record_function("ecot.prefill"):
             st.set_inputs(batch)
+            st.noise.copy_(noise)
             prefill()
         mark("prefill")
         # 2. latent columns, then the end-of-thinking marker
         if stage:
-            st.latent.fill_(True)
             for _ in range(n_latent):
-                column()
-            st.latent.fill_(False)
+                latent()
             st.tok.fill_(self.eot_id)
             column()
         # 3. text, one column a step, until every row has written its stop token
         alive = torch.ones(B, dtype=torch.bool, device=dev)
-        stops = torch.tensor(self.stop_ids, device=dev)
+        stops = torch.tensor(self.stop_ids, device=dev) if n_text else None  # a host-to-device copy waits for the GPU
         forced_ids = None if forced is None else _pad_rows(forced, n_text, self.pad_id).to(dev)
-        written = []
+        written, open_rows = [], True  # open_rows: on the host, whether some row still writes (no sync without text)
         for i in range(n_text):
             tok = st.next_tok if forced_ids is None else forced_ids[:, i]
             stop = torch.isin(tok, stops)
@@ -463,20 +543,20 @@ class Reasoner:
             column()
             written.append(tok)
             alive = alive & ~stop
-            if not bool(alive.any()):
+            open_rows = bool(alive.any())
+            if not open_rows:
                 break
         truncated = alive.clone() if n_text else torch.zeros_like(alive)
-        if bool(alive.any()):  # 3b. <|im_end|> for rows still open (no text to write, or cut by the limit)
+        if open_rows:  # 3b. <|im_end|> for rows still open (no text to write, or cut by the limit)
             st.tok.fill_(self.end_id)
             st.alive.copy_(alive)
             column()
         mark("columns")
         # 4. the action and EOS heads over every column
-        st.noise.copy_(noise)
         with record_function("ecot.act"):
             outputs = act()
         mark("act")
-        n_columns = int(st.t)
+        n_columns = n_latent + (1 if stage else 0) + len(written) + int(open_rows)  # = st.t, without a sync
         hidden, mask = st.columns()
         if not self.graphs_on(dev):  # eager: drop the unused tail of the buffer
             hidden, mask = hidden[:, :P + n_columns], mask[:, :P + n_columns]

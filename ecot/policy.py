@@ -209,12 +209,14 @@ class ECoTPolicy(nn.Module):
             raise ValueError(f"seed: {len(seeds)} seeds for {len(rows)} observations")
         shape = (self.hparams["chunk_len"], self.hparams["action_dim"])
         noise = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        was_training = self.training
-        self.eval()
+        was_training = self.training  # (switching modes walks every module: a few ms, so only when needed)
+        if was_training:
+            self.eval()
         try:
             r = self.reasoner(batch, spec.n_thinking, max_new, noise, num_steps, decode=decode)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         tok = self.processor.tokenizer
         text = [tok.decode(t, skip_special_tokens=True) for t in r.token_ids]
         norm = r.outputs["normalized_actions"].float().cpu().numpy()
