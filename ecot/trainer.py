@@ -34,7 +34,7 @@ from .policy import fsync_tree
 
 # %% auto #0
 __all__ = ['STATE_FILE', 'COMPLETE', 'SAFE_ON_RESUME', 'make_optimizer', 'make_scheduler', 'seed_everything', 'rng_state',
-           'set_rng_state', 'write_text_atomic', 'write_json', 'check_run_dir', 'clear_run_dir', 'resume_changes',
+           'set_rng_state', 'write_atomic', 'write_json', 'check_run_dir', 'clear_run_dir', 'resume_changes',
            'checkpoints', 'latest_checkpoint', 'resolve_checkpoint', 'delete_checkpoint', 'clean_stale',
            'MetricsLogger', 'read_metrics', 'NonFiniteLossError', 'NonFiniteWeightsError', 'Prefetcher', 'Trainer']
 
@@ -83,12 +83,12 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
 
-def write_text_atomic(text: str, path: Path) -> Path:
-    "Write `text` to `path` through a temporary file, fsync, rename: readers see the old file or the new one."
+def write_atomic(data: str | bytes, path: Path) -> Path:
+    "Write `data` (text or bytes) to `path` through a temporary file, fsync, rename: readers see the old file or the new one."
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -98,7 +98,7 @@ def write_text_atomic(text: str, path: Path) -> Path:
 
 def write_json(obj, path: Path) -> Path:
     "Write `obj` (numpy values allowed) as JSON, atomically."
-    return write_text_atomic(json.dumps(obj, indent=1, default=_json_default), path)
+    return write_atomic(json.dumps(obj, indent=1, default=_json_default), path)
 
 
 COMPLETE = "COMPLETE"  # written last into a checkpoint, removed first when it is deleted
@@ -249,7 +249,7 @@ class MetricsLogger:
         lines = [line for line in self.path.read_text().splitlines() if line.strip()]
         keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
         if len(keep) < len(lines):
-            write_text_atomic("".join(line + "\n" for line in keep), self.path)
+            write_atomic("".join(line + "\n" for line in keep), self.path)
         return len(lines) - len(keep)
 
     def close(self):
@@ -341,13 +341,16 @@ class Trainer:
     """Train `model` on batches made by `collate(samples)` from `loader_fn()` (a fresh iterable of sample lists).
 
     `extras` are objects with `state_dict()`/`load_state_dict()` saved in every checkpoint (e.g. a dual variable).
-    `stage_fn(step)` gives the curriculum stage of an optimizer step; the collator's `stage` is set from it."""
+    `stage_fn(step)` gives the curriculum stage of an optimizer step; the collator's `stage` is set from it.
+    `evaluator(trainer)` returns held-out `eval/` metrics (every process calls it); it runs every
+    `trainer.eval_interval` steps and at the last step."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, loader_fn: Callable[[], Iterable], collate: Callable,
                  run_dir: str | os.PathLike, stage_fn: Optional[Callable[[int], int]] = None,
                  dataset_statistics: Optional[dict] = None, extras: Optional[dict] = None,
-                 accelerator: Optional[Accelerator] = None, progress: bool = True):
-        self.cfg, self.loader_fn, self.collate = cfg, loader_fn, collate
+                 accelerator: Optional[Accelerator] = None, progress: bool = True,
+                 evaluator: Optional[Callable[["Trainer"], dict]] = None):
+        self.cfg, self.loader_fn, self.collate, self.evaluator = cfg, loader_fn, collate, evaluator
         self.run_dir, self.ckpt_root = Path(run_dir), Path(run_dir) / "checkpoints"
         self.stage_fn = stage_fn or (lambda step: cfg.ecot.scheduled_stage)
         self.stats, self.extras, self.progress = dataset_statistics, extras or {}, progress
@@ -364,7 +367,8 @@ class Trainer:
         self.step, self.batches_consumed, self.epoch, self.nonfinite_steps = 0, 0, 0, 0
         self._batches_at_step = 0
         self.stage, self.interrupted, self.wandb_id = self.stage_fn(0), False, None
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # training records, one per logging step
+        self.evaluations: list[dict] = []  # held-out records (`evaluator`)
 
     def _setup_craft(self, model):
         "CRaFT (trainer.craft): θ0 snapshot, retention features, dual variable; saved with every checkpoint."
@@ -418,12 +422,12 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             fsync_tree(tmp)
-            write_text_atomic(f"step {self.step}\n", tmp / COMPLETE)  # last: the checkpoint is whole
+            write_atomic(f"step {self.step}\n", tmp / COMPLETE)  # last: the checkpoint is whole
             if final.exists():  # the same step saved again (a stop, then the end of the run)
                 delete_checkpoint(final)
             os.replace(tmp, final)
             fsync_tree(self.ckpt_root, recursive=False)
-            write_text_atomic(final.name + "\n", self.ckpt_root / "latest")
+            write_atomic(final.name + "\n", self.ckpt_root / "latest")
             for old in checkpoints(self.ckpt_root)[:-self.cfg.trainer.keep_last_checkpoints]:
                 if old != final:
                     delete_checkpoint(old)
@@ -570,6 +574,7 @@ class Trainer:
         window_samples, window_start, consecutive_bad = 0, time.perf_counter(), 0
         bar = tqdm(total=max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.progress and acc.is_main_process))
+        self._postfix: dict = {}  # what the bar shows: the last training and held-out figures
         model.train()
         while self.step < min(max_steps, stop_at) and not self.interrupted:
             self._batches_at_step = self.batches_consumed  # where an emergency checkpoint resumes the data
@@ -635,15 +640,30 @@ class Trainer:
                 if acc.is_main_process:
                     logger.log(record)
                     shown = ("total_loss", "action_loss", "vlm_loss", "lambda", "conflict_ratio", "grad_norm", "eos_f1")
-                    bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record} | {"stage": self.stage})
+                    self._postfix.update({k: f"{record[k]:.3g}" for k in shown if k in record} | {"stage": self.stage})
+                    bar.set_postfix(self._postfix)
                 self.history.append(record)
                 window, window_samples, window_start = {}, 0, time.perf_counter()
+            if self.evaluator is not None and (self.step % cfg.trainer.eval_interval == 0 or self.step == max_steps):
+                self._evaluate(logger, bar)
             if self.step % cfg.trainer.save_interval == 0 and self.step < max_steps:
                 self.save_checkpoint()
         bar.close()
         path = self.save_checkpoint()
         if self.interrupted and acc.is_main_process:
             print(f"interrupted at step {self.step}: checkpoint saved to {path}; resume with resume='latest'")
+
+    def _evaluate(self, logger, bar):
+        "Held-out metrics of this step: an `eval` event in the metrics (and W&B), on the progress bar, in `evaluations`."
+        rec = {"step": self.step, "event": "eval", "stage": self.stage, **self.evaluator(self)}
+        self.evaluations.append(rec)
+        if self.acc.is_main_process:
+            logger.log(rec)
+            self._postfix.update({f"val_{k.split('/', 1)[1]}": f"{rec[k]:.3g}"
+                                  for k in ("eval/mse", "eval/mean_action_mse", "eval/eos_f1") if k in rec})
+            bar.set_postfix(self._postfix)
+            tqdm.write(f"step {self.step} held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                                                  if k.startswith("eval/") and "/tag_" not in k))
 
     def _skip_step(self, what: str, consecutive: int, logger):
         "Drop the accumulated gradients of a step with a non-finite loss or gradient; log it; stop after too many."
