@@ -7,10 +7,12 @@ Docs: https://ecot-dev.github.io/ecot/build.html.md"""
 # %% ../nbs/16_build.ipynb #f4be0d9e
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,6 +21,7 @@ import torch
 from .collate import ECoTCollator
 from .config import TINY_VLM, Config, check_paths, load_config, resolve_path, with_stage
 from .dataset import ECoTRLDSDataset, make_dataloader
+from .heldout import evaluate_policy, heldout_samples
 from .inference import ActingSpec
 from .policy import ECoTPolicy
 from .processor import load_processor
@@ -27,9 +30,10 @@ from .synthetic import embedded_dataset
 from .trainer import Trainer, check_run_dir, resolve_checkpoint, seed_everything
 
 # %% auto #0
-__all__ = ['EOS_KEYS', 'PARAMETER_KEYS', 'data_root', 'build_dataset', 'build_loader', 'plain_statistics', 'build_processor',
-           'acting_spec', 'build_collator', 'build_policy', 'compile_model', 'stage_fn', 'Run', 'check_dims',
-           'build_run', 'save_policy', 'default_run_dir', 'run_config', 'main']
+__all__ = ['EOS_KEYS', 'PARAMETER_KEYS', 'data_root', 'build_dataset', 'build_heldout', 'build_loader', 'plain_statistics',
+           'build_processor', 'acting_spec', 'build_collator', 'build_policy', 'compile_model', 'stage_fn', 'Run',
+           'check_dims', 'check_reasoning_coverage', 'build_run', 'save_policy', 'default_run_dir', 'run_config',
+           'main']
 
 # %% ../nbs/16_build.ipynb #01bee9f1
 def data_root(cfg: Config) -> Path:
@@ -38,11 +42,11 @@ def data_root(cfg: Config) -> Path:
     return embedded_dataset() if d is None else resolve_path(d)
 
 
-def build_dataset(cfg: Config, train: Optional[bool] = None) -> ECoTRLDSDataset:
-    "The frame dataset of `datasets.vla_data` (statistics computed or read from the cache)."
+def build_dataset(cfg: Config, train: Optional[bool] = None, **overrides) -> ECoTRLDSDataset:
+    "The frame dataset of `datasets.vla_data` (statistics computed or read from the cache); `overrides` of its arguments."
     e, v = cfg.ecot, cfg.datasets.vla_data
-    return ECoTRLDSDataset(
-        data_root(cfg), data_mix=e.data_mix, image_size=tuple(v.image_size),
+    kwargs = dict(
+        data_mix=e.data_mix, image_size=tuple(v.image_size),
         past_action_window_size=e.past_action_window_size, future_action_window_size=e.future_action_window_size,
         shuffle_buffer_size=e.shuffle_buffer_size, image_aug=e.image_aug,
         reasoning_json=resolve_path(e.reasoning_json) if e.reasoning_json else None,
@@ -50,6 +54,21 @@ def build_dataset(cfg: Config, train: Optional[bool] = None) -> ECoTRLDSDataset:
         lower_case_instruction=e.lower_case_instruction, train=e.train if train is None else train, seed=cfg.seed,
         substep_labels_json=resolve_path(e.substep_labels_json) if e.substep_labels_json else None,
         backend=e.backend)
+    return ECoTRLDSDataset(data_root(cfg), **{**kwargs, **overrides})
+
+
+def build_heldout(cfg: Config, dataset: ECoTRLDSDataset) -> list[dict]:
+    """The run's held-out frames (`ecot.heldout`): `trainer.eval_samples` frames, every `eval_frame_stride`-th, of the
+    validation split, normalised with the training `dataset`'s statistics, no augmentation or reasoning dropout."""
+    t = cfg.trainer
+    if not t.eval_samples:
+        return []
+    val = build_dataset(cfg, train=False, image_aug=False, reasoning_dropout_prob=0.0, statistics=dataset.statistics)
+    samples = heldout_samples(val, t.eval_samples, t.eval_frame_stride)
+    if not samples:
+        warnings.warn(f"{data_root(cfg)}: the validation split of {cfg.ecot.data_mix!r} has no frames; held-out "
+                      "evaluation is off (trainer.eval_samples)", stacklevel=2)
+    return samples
 
 
 def build_loader(cfg: Config, dataset: ECoTRLDSDataset):
@@ -89,7 +108,7 @@ def build_collator(cfg: Config, processor) -> ECoTCollator:
 
 EOS_KEYS = ("use_eos_classification", "eos_loss", "eos_buffer_capacity", "eos_sample_positive", "eos_sample_negative",
             "eos_min_positive", "eos_min_negative", "eos_hidden_dim", "eos_dropout", "lambda_eos", "eos_threshold",
-            "eos_pos_weight", "eos_focal_alpha", "eos_focal_gamma")
+            "eos_pos_weight", "eos_focal_alpha", "eos_focal_gamma", "eos_input")
 
 
 def build_policy(cfg: Config, processor, dataset_statistics: Optional[dict] = None) -> ECoTPolicy:
@@ -141,14 +160,24 @@ class Run:
     processor: object
     collator: ECoTCollator
     policy: ECoTPolicy
+    heldout: list = field(default_factory=list)  # validation frames (`build_heldout`)
 
     def trainer(self, run_dir: str | os.PathLike, progress: bool = True, extras: Optional[dict] = None) -> Trainer:
         "The run's Trainer; the EOS buffer (when the policy has an EOS head) is checkpointed with the run."
         eos = {} if self.policy.eos_buffer is None else {"eos_buffer": self.policy.eos_buffer}
         return Trainer(self.cfg, self.policy, lambda: iter(self.loader), self.collator, run_dir,
                        stage_fn=stage_fn(self.cfg), dataset_statistics=plain_statistics(self.dataset.statistics),
-                       extras={**eos, **(extras or {})},
+                       extras={**eos, **(extras or {})}, evaluator=self.evaluate if self.heldout else None,
                        progress=progress)
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        "Held-out `eval/` metrics of the policy at the trainer's stage (every process calls it; sums are reduced)."
+        acc = trainer.acc
+        retention = trainer._retention_loss if trainer.ret_features is not None else None
+        return evaluate_policy(acc.unwrap_model(trainer.model), self.heldout, trainer.stage,
+                               self.cfg.datasets.vla_data.per_device_batch_size, self.cfg.seed, retention,
+                               acc.process_index, acc.num_processes, lambda t: acc.reduce(t, reduction="sum"),
+                               progress=trainer.progress and acc.is_main_process)
 
 
 def check_dims(cfg: Config, statistics: dict):
@@ -165,16 +194,39 @@ def check_dims(cfg: Config, statistics: dict):
                                  f"{have}" + (" (and datasets.vla_data.ecot.action_dim)" if key == "action" else ""))
 
 
+def check_reasoning_coverage(cfg: Config, dataset: ECoTRLDSDataset, n: int = 64, stride: int = 4) -> float:
+    """The share of `n` training frames (every `stride`-th in reader order) that the reasoning JSON covers; below
+    `datasets.vla_data.ecot.min_reasoning_coverage` an error names the file and shows both sides' episode keys
+    (a JSON written for another copy of the data matches nothing, and would otherwise train on empty reasoning)."""
+    want = cfg.ecot.min_reasoning_coverage
+    if dataset.reasoning_json is None or want <= 0:
+        return float("nan")
+    probe = build_dataset(cfg, train=True, shuffle_buffer_size=1, image_aug=False, reasoning_dropout_prob=0.0,
+                          statistics=dataset.statistics)
+    metas = [s["meta"] for s in heldout_samples(probe, n, stride)]
+    share = sum(m["has_reasoning"] for m in metas) / max(len(metas), 1)
+    if metas and share < want:
+        data_keys = sorted({f"{m['file_path']}#{m['episode_id']}" for m in metas if not m["has_reasoning"]})[:3]
+        json_keys = [f"{fp}#{ep}" for fp, eps in itertools.islice(dataset._reasoning_data.items(), 3)
+                     for ep in itertools.islice(eps, 1)]
+        raise ValueError(f"{dataset.reasoning_json}: reasoning for {share:.0%} of {len(metas)} sampled training frames, "
+                         f"below datasets.vla_data.ecot.min_reasoning_coverage = {want:.0%}: its episodes do not "
+                         f"match the dataset's. Dataset episodes without reasoning: {data_keys}; the JSON's "
+                         f"episodes (file_path#episode_id): {json_keys or 'none'}")
+    return share
+
+
 def build_run(cfg: Config) -> Run:
     "Check the input paths, seed everything, then build data, processor, collator and policy."
     check_paths(cfg)
     seed_everything(cfg.seed)
     dataset = build_dataset(cfg)
     check_dims(cfg, dataset.statistics)
+    check_reasoning_coverage(cfg, dataset)
     processor = build_processor(cfg, dataset)
     collator = build_collator(cfg, processor)
     policy = build_policy(cfg, processor, plain_statistics(dataset.statistics))
-    return Run(cfg, dataset, build_loader(cfg, dataset), processor, collator, policy)
+    return Run(cfg, dataset, build_loader(cfg, dataset), processor, collator, policy, build_heldout(cfg, dataset))
 
 
 def save_policy(run: Run, trainer: Trainer) -> Optional[Path]:

@@ -48,6 +48,8 @@ class ECoTDataConfig(Section):
     image_aug: bool = False
     reasoning_json: Optional[str] = None  # None = <data_root_dir>/embodied_features_bridge.json if present
     reasoning_dropout_prob: float = Field(0.0, ge=0.0, le=1.0)
+    # share of sampled training frames the reasoning JSON must cover (checked before the first step)
+    min_reasoning_coverage: float = Field(0.05, ge=0.0, le=1.0)
     load_proprio: bool = True
     lower_case_instruction: bool = True
     train: bool = True
@@ -121,6 +123,8 @@ class ActionModelConfig(Section):
     eos_pos_weight: float = Field(10.0, gt=0)  # weighted_bce
     eos_focal_alpha: float = Field(0.25, gt=0, lt=1)  # focal
     eos_focal_gamma: float = Field(2.0, ge=0)
+    # what the EOS head reads: the action head at t = 1 on the predicted chunk (as at inference), the true one, or noisy
+    eos_input: Literal["predicted", "clean", "noisy"] = "predicted"
 
 
 class FrameworkConfig(Section):
@@ -175,7 +179,9 @@ class TrainerConfig(Section):
     gradient_clipping: float = Field(1.0, gt=0)
     logging_frequency: int = Field(10, ge=1)
     save_interval: int = Field(1000, ge=1)
-    eval_interval: int = Field(1000, ge=1)
+    eval_interval: int = Field(1000, ge=1)  # held-out evaluation every this many steps, and at the end
+    eval_samples: int = Field(64, ge=0)  # held-out frames evaluated (0: no evaluation)
+    eval_frame_stride: int = Field(4, ge=1)  # every this-many-th frame of the validation split (spread over episodes)
     repeated_diffusion_steps: int = Field(4, ge=1)
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     keep_last_checkpoints: int = Field(3, ge=1)  # older checkpoints are deleted
@@ -250,6 +256,10 @@ def _stages(cfg: Config) -> dict[str, int]:
 def check_config(cfg: Config, source: str = "<config>") -> Config:
     "Checks that involve several keys; raises `ConfigError` naming the key, or warns. Returns `cfg`."
     errors = []
+    cur = cfg.trainer.curriculum_learning
+    for step in cur.stage_schedule:  # the schedule's keys first: a bad step is the error, not its stage
+        if step < 0:
+            errors.append(f"trainer.curriculum_learning.stage_schedule.{step}: steps must be >= 0")
     for key, stage in _stages(cfg).items():
         if stage < 0 or stage > MAX_STAGE:
             errors.append(f"{key} = {stage}: a stage replaces that many reasoning tags by thinking tokens, "
@@ -257,9 +267,6 @@ def check_config(cfg: Config, source: str = "<config>") -> Config:
         elif stage >= 1 and not cfg.framework.enable_latent_reasoning:
             errors.append(f"{key} = {stage}: stages >= 1 use latent thinking tokens; "
                           "set framework.enable_latent_reasoning: true")
-    for step in cfg.trainer.curriculum_learning.stage_schedule:
-        if step < 0:
-            errors.append(f"trainer.curriculum_learning.stage_schedule.{step}: steps must be >= 0")
     for tag, n in cfg.ecot.tag2think_count.items():
         if tag not in TAGS:
             close = difflib.get_close_matches(tag, TAGS, n=1)
@@ -285,6 +292,10 @@ def check_config(cfg: Config, source: str = "<config>") -> Config:
             warnings.warn(f"{source}: framework.action_model.{key} = {getattr(am, key)} differs from "
                           f"datasets.vla_data.ecot.{key} = {getattr(data, key)}; action chunks are padded "
                           "or truncated to the model's window", stacklevel=2)
+    late = sorted(step for step in cur.stage_schedule if step >= cfg.trainer.max_train_steps)
+    if cur.enable and late:
+        warnings.warn(f"{source}: trainer.curriculum_learning.stage_schedule switches at steps {late}, at or after "
+                      f"trainer.max_train_steps = {cfg.trainer.max_train_steps}: those stages are never trained", stacklevel=2)
     w = cfg.framework.latent_reasoning.vlm_loss_weight
     if not 0.0 <= w <= 1.0:
         warnings.warn(f"{source}: framework.latent_reasoning.vlm_loss_weight = {w} is outside [0, 1]", stacklevel=2)

@@ -54,10 +54,11 @@ class ECoTPolicy(nn.Module):
                  eos_sample_positive: int = 15, eos_sample_negative: int = 20, eos_min_positive: int = 15,
                  eos_min_negative: int = 20, eos_hidden_dim: int = 1024, eos_dropout: float = 0.1,
                  lambda_eos: float = 2.0, eos_threshold: float = 0.5, eos_pos_weight: float = 10.0,
-                 eos_focal_alpha: float = 0.25, eos_focal_gamma: float = 2.0, eos_input: str = "clean"):
+                 eos_focal_alpha: float = 0.25, eos_focal_gamma: float = 2.0, eos_input: str = "predicted"):
         super().__init__()
-        if eos_input not in ("clean", "noisy"):
-            raise ValueError(f"eos_input = {eos_input!r}: expected 'clean' (action head at the clean chunk, t = 1) "
+        if eos_input not in ("predicted", "clean", "noisy"):
+            raise ValueError(f"eos_input = {eos_input!r}: expected 'predicted' (action head at t = 1 on the chunk the "
+                             "policy predicts, as at inference), 'clean' (at the true chunk) "
                              "or 'noisy' (the flow-matching pass's hidden states)")
         eos_kwargs = dict(eos_loss=eos_loss, eos_buffer_capacity=eos_buffer_capacity,
                           eos_sample_positive=eos_sample_positive, eos_sample_negative=eos_sample_negative,
@@ -173,8 +174,13 @@ class ECoTPolicy(nn.Module):
             # 0..B-1) lines up with the labels; each frame then counts once, and the buffer holds distinct frames
             hidden = action_hidden[:B]
         else:  # buffer: the head's gradient comes from re-run buffered states, so this pass needs no graph
+            states = batch.get("states")
+            chunk = batch["actions"]
+            if self.eos_input == "predicted":  # the chunk inference hands the head: denoised from the same columns
+                with torch.no_grad():
+                    chunk = self.action_head.predict_action(vlm_hidden.detach(), batch["attention_mask"], states)
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.eos.loss_type != "buffer"):
-                hidden = self.eos_hidden(vlm_hidden, batch["attention_mask"], batch["actions"], batch.get("states"))
+                hidden = self.eos_hidden(vlm_hidden, batch["attention_mask"], chunk, states)
         return self.eos(hidden, batch["eos"], mask)
 
     @torch.no_grad()
@@ -187,14 +193,24 @@ class ECoTPolicy(nn.Module):
         One observation: `images` a camera view (uint8 (H, W, 3) array or PIL image) or a list of views,
         `instruction` a str, `state` the raw robot state. A batch: a list of each, one entry per row. `seed` fixes
         the action head's noise (an int: the same for every row, so each row gets what it would alone)."""
-        spec, batched = self.acting, isinstance(instruction, (list, tuple))
+        batched = isinstance(instruction, (list, tuple))
         if batched:
             states = [None] * len(instruction) if state is None else list(state)
             for name, v in (("images", images), ("state", states)):
                 if len(v) != len(instruction):
                     raise ValueError(f"{name}: {len(v)} entries for {len(instruction)} instructions (one per row)")
         rows = list(zip(images, instruction, states)) if batched else [(images, instruction, state)]
-        batch = self.observation_batch(rows, unnorm_key)
+        return self.act_on(self.observation_batch(rows, unnorm_key), seed, num_steps, with_reasoning, max_new_tokens,
+                           unnorm_key, clip)
+
+    @torch.no_grad()
+    def act_on(self, batch: Mapping, seed: int | Sequence[int] = 0, num_steps: Optional[int] = None,
+               with_reasoning: bool = True, max_new_tokens: Optional[int] = None, unnorm_key: Optional[str] = None,
+               clip: bool = True) -> dict[str, Any]:
+        """The inference path on a prompt batch (`prompt_batch` of samples as the dataset gives them: frames
+        transformed, state normalised); `predict_action`'s result. Held-out evaluation acts on dataset frames here."""
+        spec = self.acting
+        B = batch["input_ids"].shape[0]
         decode = with_reasoning and bool(spec.text_tags)
         if not with_reasoning and spec.text_tags and spec.reasoning_dropout_prob <= 0:
             raise ValueError(f"with_reasoning = False: this policy was trained at stage {spec.stage} with the text of "
@@ -204,9 +220,9 @@ class ECoTPolicy(nn.Module):
         span = spec.n_thinking + 1 if spec.stage else 0  # thinking columns and <|end_of_thinking|>
         room = spec.model_max_length - int(batch["attention_mask"].sum(1).max()) - span - 1
         max_new = max(0, min(room, spec.max_new_tokens if max_new_tokens is None else max_new_tokens))
-        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(rows)
-        if len(seeds) != len(rows):
-            raise ValueError(f"seed: {len(seeds)} seeds for {len(rows)} observations")
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
+        if len(seeds) != B:
+            raise ValueError(f"seed: {len(seeds)} seeds for {B} observations")
         shape = (self.hparams["chunk_len"], self.hparams["action_dim"])
         noise = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         was_training = self.training  # (switching modes walks every module: a few ms, so only when needed)
@@ -246,6 +262,10 @@ class ECoTPolicy(nn.Module):
                 raise ValueError(f"state of observation {i}: this policy reads a {state_dim}-dim robot state; got None")
         samples = [observation_sample(im, ins, st if state_dim else None, self.acting, stats.get("state"), state_dim)
                    for im, ins, st in rows]
+        return self.prompt_batch(samples)
+
+    def prompt_batch(self, samples: Sequence[Mapping]) -> dict:
+        "Samples (`image` views, `lang`, normalised `state`) -> the prompt batch of the acting layout."
         collator = self.acting.collator(self.processor)
         return collator.prompts(samples, self.reasoner.pad_to_multiple_of if self.reasoner.graphs_on(self.device) else 1)
 

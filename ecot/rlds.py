@@ -49,7 +49,7 @@ from .tfds_reader import (DATASETS, MIXTURES, CorruptShardError, DatasetSpec, Un
 # TensorFlow-free helpers shared with the torch backend (one definition each)
 import ecot.tfds_reader as _numpy_reader
 from .tfds_reader import (_array_stats, _atomic_write_json, _epoch_seed, _jsonable,  # noqa: F401
-                              cache_dir, check_data_root, check_image_size, check_pipeline_args)
+                              TFDSDirectory, cache_dir, check_data_root, check_image_size, check_pipeline_args)
 
 # %% ../nbs/03_rlds.ipynb #8cde69d1
 def _version_key(p: Path):
@@ -68,8 +68,10 @@ def dataset_dir(data_root_dir, name: str) -> Path:
 
 
 def open_builder(data_root_dir, name: str):
-    "The read-only TFDS builder of dataset `name`."
-    return tfds.builder_from_directory(str(dataset_dir(data_root_dir, name)))
+    "The read-only TFDS builder of dataset `name` (the directory checked first: tensorflow-datasets' own errors name no cause)."
+    path = dataset_dir(data_root_dir, name)
+    TFDSDirectory(path, verify_checksums=False)  # dataset_info.json and features.json present, parsed, complete
+    return tfds.builder_from_directory(str(path))
 
 
 def split_for(builder, spec: DatasetSpec, train: bool) -> str:
@@ -126,7 +128,7 @@ def standardize_trajectory(episode: dict, spec: DatasetSpec) -> dict:
     }
 
 # %% ../nbs/03_rlds.ipynb #574170f6
-STATS_VERSION = 1  # bump when the statistics' definition changes (invalidates the cache)
+STATS_VERSION = 2  # bump when the statistics' definition changes (invalidates the cache); 2: training split only
 
 
 def dataset_fingerprint(builder, spec: DatasetSpec) -> str:
@@ -159,14 +161,14 @@ def iterate_numpy(ds: tf.data.Dataset, files: Sequence[Path]) -> Iterator:
 
 
 def compute_dataset_statistics(builder, spec: DatasetSpec) -> dict:
-    "Statistics over all splits of a dataset, with numpy (no cache)."
-    splits = sorted(builder.info.splits)
-    ds = builder.as_dataset(split="+".join(splits), shuffle_files=False,
+    "Statistics of the training split of a dataset (held-out episodes never shape the normalisation), with numpy."
+    split = split_for(builder, spec, train=True)
+    ds = builder.as_dataset(split=split, shuffle_files=False,
                             read_config=tfds.ReadConfig(try_autocache=False),
                             decoders={"steps": tfds.decode.SkipDecoding()})
     ds = ds.map(lambda ep: {k: v for k, v in standardize_trajectory(ep, spec).items() if k in ("action", "state")},
                 num_parallel_calls=tf.data.AUTOTUNE)
-    files = [f for s in splits for f in shard_files(builder, s)]
+    files = shard_files(builder, split)
     actions, states = [], []
     for tr in iterate_numpy(ds, files):
         actions.append(tr["action"]); states.append(tr["state"])

@@ -31,9 +31,9 @@ __all__ = ['DATASETS', 'MIXTURES', 'STATS_VERSION', 'BACKENDS', 'DatasetSpec', '
            'FeatureSpecError', 'Leaf', 'parse_features', 'leaves', 'decode_image_bytes', 'decode_example',
            'ReadInstruction', 'check_data_root', 'dataset_dir', 'TFDSDirectory', 'standardize_trajectory',
            'chunk_actions', 'normalize_bounds_q99', 'trajectory_transform', 'flatten', 'cache_dir', 'file_digests',
-           'fingerprint', 'dataset_fingerprint', 'compute_dataset_statistics', 'dataset_statistics', 'resize_like_tf',
-           'check_image_size', 'check_pipeline_args', 'decode_and_resize', 'augment_image', 'frame_transform',
-           'shuffle_buffer', 'sample_from', 'split_for', 'frames_of_dataset', 'make_interleaved_frames',
+           'fingerprint', 'dataset_fingerprint', 'split_for', 'compute_dataset_statistics', 'dataset_statistics',
+           'resize_like_tf', 'check_image_size', 'check_pipeline_args', 'decode_and_resize', 'augment_image',
+           'frame_transform', 'shuffle_buffer', 'sample_from', 'frames_of_dataset', 'make_interleaved_frames',
            'tensorflow_available', 'resolve_backend', 'interleaved_frames']
 
 # %% ../nbs/17_tfds_reader.ipynb #2df02c5d
@@ -589,6 +589,10 @@ class TFDSDirectory:
             features = json.loads(feat_file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"malformed JSON in {self.path}: {e}") from e
+        missing = [k for k in ("version", "splits") if not self.info.get(k)]
+        if missing:
+            raise ValueError(f"{info_file}: no {' or '.join(map(repr, missing))}: not a dataset_info.json written by "
+                             "tensorflow-datasets (an interrupted or hand-made dataset directory?)")
         self.name = self.info.get("name", self.path.parent.name)
         self.file_format = self.info.get("fileFormat", "tfrecord")
         if self.file_format != "tfrecord":
@@ -746,7 +750,7 @@ def flatten(traj: dict) -> Iterator[dict]:
         yield pick(traj, t)
 
 # %% ../nbs/17_tfds_reader.ipynb #81433bc3
-STATS_VERSION = 1  # must equal ecot.rlds.STATS_VERSION (the cache is shared)
+STATS_VERSION = 2  # must equal ecot.rlds.STATS_VERSION (the cache is shared)
 
 
 def cache_dir(path=None) -> Path:
@@ -828,10 +832,17 @@ def _as_arrays(stats: dict) -> dict:
                 if isinstance(v, dict) else v) for k, v in stats.items()}
 
 
+def split_for(directory: TFDSDirectory, spec: DatasetSpec, train: bool) -> str:
+    "The split to read: train/val as named in the spec; without a val split, the last 5% of train is held out."
+    if train:
+        return spec.train_split if spec.val_split in directory.splits else f"{spec.train_split}[:95%]"
+    return spec.val_split if spec.val_split in directory.splits else f"{spec.train_split}[95%:]"
+
+
 def compute_dataset_statistics(directory: TFDSDirectory, spec: DatasetSpec) -> dict:
-    "Statistics over all splits of a dataset, with numpy (no cache)."
+    "Statistics of the training split of a dataset (held-out episodes never shape the normalisation), with numpy."
     actions, states = [], []
-    for ep in directory.episodes("+".join(sorted(directory.splits)), decode_images=False):
+    for ep in directory.episodes(split_for(directory, spec, train=True), decode_images=False):
         tr = standardize_trajectory(ep, spec)
         actions.append(tr["action"]); states.append(tr["state"])
     if not actions:
@@ -1037,13 +1048,6 @@ def sample_from(streams: Sequence[Iterator], weights: Sequence[float], rng: np.r
             yield next(streams[k])
         except StopIteration:
             return
-
-
-def split_for(directory: TFDSDirectory, spec: DatasetSpec, train: bool) -> str:
-    "The split to read: train/val as named in the spec; without a val split, the last 5% of train is held out."
-    if train:
-        return spec.train_split if spec.val_split in directory.splits else f"{spec.train_split}[:95%]"
-    return spec.val_split if spec.val_split in directory.splits else f"{spec.train_split}[95%:]"
 
 
 def frames_of_dataset(data_root_dir, spec: DatasetSpec, stats: dict, train: bool = True, past: int = 0,

@@ -138,3 +138,15 @@ def test_relative_paths_read_against_project_root(tmp_path):
 def test_save_is_atomic(tmp_path):
     p = save_config(Config(), tmp_path / "sub" / "config.yaml")
     assert p.exists() and not list(p.parent.glob(".*tmp*"))
+
+
+def test_a_bad_schedule_step_is_reported_first_and_late_switches_warn():
+    "The schedule's keys are checked before the stages they set: the first line names the bad step."
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", ["trainer.curriculum_learning.enable=true",
+                             "trainer.curriculum_learning.stage_schedule={0: 0, -5: 2}"])
+    first = str(e.value).splitlines()[1].strip()
+    assert first == "trainer.curriculum_learning.stage_schedule.-5: steps must be >= 0", first
+    with pytest.warns(UserWarning, match=r"switches at steps \[500\].*never trained"):
+        load_config("tiny", ["trainer.curriculum_learning.enable=true", "framework.enable_latent_reasoning=true",
+                             "trainer.max_train_steps=10", "trainer.curriculum_learning.stage_schedule={0: 0, 500: 2}"])

@@ -38,6 +38,21 @@ def test_dataset_directory_missing_under_root(tmp_path):
         make(tmp_path)
 
 
+@pytest.mark.parametrize("backend", ["tf", "torch"])
+def test_incomplete_tfds_directory_names_the_file_and_cause(root, tmp_path, backend):
+    "A dataset directory without features.json, or whose dataset_info.json lacks version/splits: the same clear error on both backends."
+    bad = tmp_path / "data"
+    shutil.copytree(root, bad)
+    version = next((bad / "bridge_orig").iterdir())
+    (version / "features.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not a TFDS dataset directory: .*features.json is missing"):
+        make(bad, backend=backend)
+    shutil.copy(next((root / "bridge_orig").iterdir()) / "features.json", version / "features.json")
+    (version / "dataset_info.json").write_text("{}")
+    with pytest.raises(ValueError, match="dataset_info.json: no 'version' or 'splits'"):
+        make(bad, backend=backend)
+
+
 @pytest.mark.parametrize("mix", ["bridg", "no_such_mixture"])
 def test_unknown_dataset_or_mixture(root, mix):
     with pytest.raises(UnknownNameError, match=f"unknown dataset or mixture '{mix}'"):

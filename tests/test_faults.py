@@ -294,3 +294,19 @@ def test_the_dataset_fingerprint_sees_a_change_anywhere_in_a_shard(tmp_path):
     shard.write_bytes(bytes(data))
     assert dataset_fingerprint(directory, spec) != before
     assert file_digests([shard]) == file_digests([shard])  # cached: the same answer without hashing again
+
+
+def test_a_reasoning_json_that_matches_no_episode_fails_before_training(tmp_path):
+    "0% coverage (the JSON's file paths are another copy's) is an error naming the file and both sides' keys."
+    from ecot.build import build_dataset, build_run, run_config
+    src = build_dataset(run_config("tiny", 0)).reasoning_json
+    moved = {k.replace("/synthetic/", "/elsewhere/"): v for k, v in json.loads(src.read_text()).items()}
+    bad = tmp_path / "other_copy.json"
+    bad.write_text(json.dumps(moved))
+    cfg = run_config("tiny", 0, [f"datasets.vla_data.ecot.reasoning_json={bad}"])
+    with pytest.raises(ValueError, match=r"other_copy.json: reasoning for 0% of \d+ sampled training frames.*"
+                                         r"min_reasoning_coverage.*/elsewhere/"):
+        build_run(cfg)
+    # below the bar only when asked: the same file passes with the check off
+    assert build_run(run_config("tiny", 0, [f"datasets.vla_data.ecot.reasoning_json={bad}",
+                                            "datasets.vla_data.ecot.min_reasoning_coverage=0"])).policy is not None

@@ -135,5 +135,9 @@ def test_two_process_training_with_torchrun(extra, tmp_path):
     assert (ckpt / "rng_0.pt").exists() and (ckpt / "rng_1.pt").exists()
     recs = _train_records(run_dir)
     assert [r["step"] for r in recs] == [1, 2, 3]  # one line per step: rank 0 alone writes
+    evals = [r for r in read_metrics(run_dir) if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [3]  # held-out evaluation at the last step, logged once
+    assert evals[0]["eval/samples"] == 16  # the two ranks' shares of the 16 held-out frames, summed
+    assert all(evals[0][k] is not None and evals[0][k] >= 0 for k in ("eval/mse", "eval/action_loss", "eval/mean_action_mse"))
     if extra:
         assert all("lambda" in r and "conflict_ratio" in r for r in recs)
