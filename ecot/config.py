@@ -123,8 +123,9 @@ class ActionModelConfig(Section):
     eos_pos_weight: float = Field(10.0, gt=0)  # weighted_bce
     eos_focal_alpha: float = Field(0.25, gt=0, lt=1)  # focal
     eos_focal_gamma: float = Field(2.0, ge=0)
-    # what the EOS head reads: the action head at t = 1 on the predicted chunk (as at inference), the true one, or noisy
-    eos_input: Literal["predicted", "clean", "noisy"] = "predicted"
+    # what the EOS head reads in training: the action head at t = 1 on the true chunk, on the chunk the policy
+    # predicts (what it reads at inference), or the flow-matching pass's noisy states
+    eos_input: Literal["clean", "predicted", "noisy"] = "clean"
 
 
 class FrameworkConfig(Section):

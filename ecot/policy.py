@@ -54,7 +54,7 @@ class ECoTPolicy(nn.Module):
                  eos_sample_positive: int = 15, eos_sample_negative: int = 20, eos_min_positive: int = 15,
                  eos_min_negative: int = 20, eos_hidden_dim: int = 1024, eos_dropout: float = 0.1,
                  lambda_eos: float = 2.0, eos_threshold: float = 0.5, eos_pos_weight: float = 10.0,
-                 eos_focal_alpha: float = 0.25, eos_focal_gamma: float = 2.0, eos_input: str = "predicted"):
+                 eos_focal_alpha: float = 0.25, eos_focal_gamma: float = 2.0, eos_input: str = "clean"):
         super().__init__()
         if eos_input not in ("predicted", "clean", "noisy"):
             raise ValueError(f"eos_input = {eos_input!r}: expected 'predicted' (action head at t = 1 on the chunk the "
