@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .env import DEFAULT_MAX_STEPS, ENV_ID, PickPlaceEnv, ScriptedExpert, _is_int
 from .synthetic import SPLITS
+from .trainer import write_atomic
 
 # %% auto #0
 __all__ = ['Z_95', 'PANEL_WIDTH', 'VIDEO_FPS', 'wilson_interval', 'call_seed', 'run_episode', 'annotate', 'frame_lines',
