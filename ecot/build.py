@@ -19,9 +19,15 @@ from typing import Callable, Optional
 import torch
 
 from .collate import ECoTCollator
+from .craft import CRaFTHook
 from .config import TINY_VLM, Config, check_paths, load_config, resolve_path, with_stage
 from .dataset import ECoTRLDSDataset, make_dataloader
+from .lerobot import LeRobotECoTDataset
+from .lerobot_writer import embedded_lerobot_dataset
+from .registry import declare_datasets
+from .eos import EOSHook
 from .heldout import evaluate_policy, heldout_samples
+from .hooks import TrainerHook
 from .inference import ActingSpec
 from .policy import ECoTPolicy
 from .processor import load_processor
@@ -30,22 +36,41 @@ from .synthetic import embedded_dataset
 from .trainer import Trainer, check_run_dir, resolve_checkpoint, seed_everything
 
 # %% auto #0
-__all__ = ['EOS_KEYS', 'PARAMETER_KEYS', 'data_root', 'build_dataset', 'build_heldout', 'build_loader', 'plain_statistics',
-           'build_processor', 'acting_spec', 'build_collator', 'build_policy', 'compile_model', 'stage_fn', 'Run',
+__all__ = ['FRAME_SOURCES', 'EOS_KEYS', 'PARAMETER_KEYS', 'data_root', 'build_dataset', 'dataset_kwargs', 'build_rlds_dataset',
+           'build_lerobot_dataset', 'build_heldout', 'build_loader', 'plain_statistics', 'build_processor',
+           'acting_spec', 'build_collator', 'build_policy', 'compile_model', 'stage_fn', 'build_hooks', 'Run',
            'check_dims', 'check_reasoning_coverage', 'build_run', 'save_policy', 'default_run_dir', 'run_config',
            'main']
 
 # %% ../nbs/16_build.ipynb #01bee9f1
 def data_root(cfg: Config) -> Path:
-    "The TFDS data_dir of the run: the configured one, or the embedded synthetic dataset."
+    """The data root of the run: the configured one, or the embedded synthetic dataset (a TFDS data_dir; for
+    `dataset_py: lerobot_datasets` the same episodes as a LeRobot v3 root)."""
     d = cfg.ecot.data_root_dir
-    return embedded_dataset() if d is None else resolve_path(d)
+    if d is not None:
+        return resolve_path(d)
+    return embedded_lerobot_dataset() if cfg.datasets.vla_data.dataset_py == "lerobot_datasets" else embedded_dataset()
 
 
-def build_dataset(cfg: Config, train: Optional[bool] = None, **overrides) -> ECoTRLDSDataset:
-    "The frame dataset of `datasets.vla_data` (statistics computed or read from the cache); `overrides` of its arguments."
+# values of `datasets.vla_data.dataset_py`, each with the function that builds its frame dataset (same arguments
+# as `build_dataset`); another channel (e.g. LeRobot) adds one entry here
+FRAME_SOURCES: dict[str, Callable] = {}
+
+
+def build_dataset(cfg: Config, train: Optional[bool] = None, **overrides):
+    "The frame dataset of `datasets.vla_data`, from the source `dataset_py` names; `overrides` of its arguments."
+    source = cfg.datasets.vla_data.dataset_py
+    if source not in FRAME_SOURCES:
+        raise ValueError(f"datasets.vla_data.dataset_py = {source!r}: expected one of "
+                         f"{', '.join(map(repr, FRAME_SOURCES))}")
+    return FRAME_SOURCES[source](cfg, train, **overrides)
+
+
+def dataset_kwargs(cfg: Config, train: Optional[bool] = None) -> dict:
+    "The frame dataset arguments that every `dataset_py` source takes, from `datasets.vla_data`."
     e, v = cfg.ecot, cfg.datasets.vla_data
-    kwargs = dict(
+    declare_datasets(e.datasets, e.mixtures)  # config-declared datasets and mixtures join the registry first
+    return dict(
         data_mix=e.data_mix, image_size=tuple(v.image_size),
         past_action_window_size=e.past_action_window_size, future_action_window_size=e.future_action_window_size,
         shuffle_buffer_size=e.shuffle_buffer_size, image_aug=e.image_aug,
@@ -53,17 +78,32 @@ def build_dataset(cfg: Config, train: Optional[bool] = None, **overrides) -> ECo
         reasoning_dropout_prob=e.reasoning_dropout_prob, load_proprio=e.load_proprio,
         lower_case_instruction=e.lower_case_instruction, train=e.train if train is None else train, seed=cfg.seed,
         substep_labels_json=resolve_path(e.substep_labels_json) if e.substep_labels_json else None,
-        backend=e.backend)
-    return ECoTRLDSDataset(data_root(cfg), **{**kwargs, **overrides})
+        heldout_fraction=v.heldout_fraction, heldout_seed=v.heldout_seed)
 
 
-def build_heldout(cfg: Config, dataset: ECoTRLDSDataset) -> list[dict]:
+def build_rlds_dataset(cfg: Config, train: Optional[bool] = None, **overrides) -> ECoTRLDSDataset:
+    "`dataset_py: ecot_rlds`: the frames of RLDS/TFDS shards (statistics computed or read from the cache)."
+    return ECoTRLDSDataset(data_root(cfg), **{**dataset_kwargs(cfg, train), **overrides})
+
+
+def build_lerobot_dataset(cfg: Config, train: Optional[bool] = None, **overrides) -> LeRobotECoTDataset:
+    """`dataset_py: lerobot_datasets`: the frames of the LeRobot v3 dataset at `datasets.vla_data.ecot.data_root_dir`
+    (its root: `meta/info.json`, …), same samples and statistics as RLDS (`ecot.lerobot`)."""
+    return LeRobotECoTDataset(data_root(cfg), **{**dataset_kwargs(cfg, train), **overrides})
+
+
+FRAME_SOURCES["ecot_rlds"] = build_rlds_dataset
+FRAME_SOURCES["lerobot_datasets"] = build_lerobot_dataset
+
+
+def build_heldout(cfg: Config, dataset: ECoTRLDSDataset, train: bool = False) -> list[dict]:
     """The run's held-out frames (`ecot.heldout`): `trainer.eval_samples` frames, every `eval_frame_stride`-th, of the
-    validation split, normalised with the training `dataset`'s statistics, no augmentation or reasoning dropout."""
+    validation split, normalised with the training `dataset`'s statistics, no augmentation or reasoning dropout.
+    `train=True`: as many frames of the training split, read the same way (to calibrate the EOS threshold on)."""
     t = cfg.trainer
     if not t.eval_samples:
         return []
-    val = build_dataset(cfg, train=False, image_aug=False, reasoning_dropout_prob=0.0, statistics=dataset.statistics)
+    val = build_dataset(cfg, train=train, image_aug=False, reasoning_dropout_prob=0.0, statistics=dataset.statistics)
     samples = heldout_samples(val, t.eval_samples, t.eval_frame_stride)
     if not samples:
         warnings.warn(f"{data_root(cfg)}: the validation split of {cfg.ecot.data_mix!r} has no frames; held-out "
@@ -151,6 +191,17 @@ def stage_fn(cfg: Config) -> Callable[[int], int]:
     return lambda step: stage_at(step, dict(cur.stage_schedule), default)
 
 # %% ../nbs/16_build.ipynb #68351b35
+def build_hooks(cfg: Config, policy: ECoTPolicy) -> list[TrainerHook]:
+    """The training-loop hooks the config asks for (`ecot.hooks`): the EOS head's (`use_eos_classification`: its
+    buffer checkpointed), CRaFT (`trainer.craft.enable` or `measure_only`, from that section)."""
+    hooks: list[TrainerHook] = []
+    if cfg.framework.action_model.use_eos_classification:
+        hooks.append(EOSHook(policy.eos_buffer))
+    if cfg.trainer.craft.enable or cfg.trainer.craft.measure_only:
+        hooks.append(CRaFTHook(cfg.trainer.craft))
+    return hooks
+
+
 @dataclass
 class Run:
     "Everything a training run is made of."
@@ -161,23 +212,25 @@ class Run:
     collator: ECoTCollator
     policy: ECoTPolicy
     heldout: list = field(default_factory=list)  # validation frames (`build_heldout`)
+    calibration: list = field(default_factory=list)  # training frames the EOS threshold is chosen on
 
     def trainer(self, run_dir: str | os.PathLike, progress: bool = True, extras: Optional[dict] = None) -> Trainer:
-        "The run's Trainer; the EOS buffer (when the policy has an EOS head) is checkpointed with the run."
-        eos = {} if self.policy.eos_buffer is None else {"eos_buffer": self.policy.eos_buffer}
+        "The run's Trainer, with the hooks the config asks for (`build_hooks`) and `extras` saved in its checkpoints."
         return Trainer(self.cfg, self.policy, lambda: iter(self.loader), self.collator, run_dir,
                        stage_fn=stage_fn(self.cfg), dataset_statistics=plain_statistics(self.dataset.statistics),
-                       extras={**eos, **(extras or {})}, evaluator=self.evaluate if self.heldout else None,
-                       progress=progress)
+                       extras=extras, evaluator=self.evaluate if self.heldout else None,
+                       progress=progress, data_seek=getattr(self.loader, "seek", None),
+                       hooks=build_hooks(self.cfg, self.policy))
 
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
         "Held-out `eval/` metrics of the policy at the trainer's stage (every process calls it; sums are reduced)."
         acc = trainer.acc
-        retention = trainer._retention_loss if trainer.ret_features is not None else None
+        craft = trainer.hook(CRaFTHook)
+        retention = craft.retention_loss if craft is not None else None
         return evaluate_policy(acc.unwrap_model(trainer.model), self.heldout, trainer.stage,
                                self.cfg.datasets.vla_data.per_device_batch_size, self.cfg.seed, retention,
                                acc.process_index, acc.num_processes, lambda t: acc.reduce(t, reduction="sum"),
-                               progress=trainer.progress and acc.is_main_process)
+                               progress=trainer.progress and acc.is_main_process, calibration=self.calibration)
 
 
 def check_dims(cfg: Config, statistics: dict):
@@ -226,7 +279,9 @@ def build_run(cfg: Config) -> Run:
     processor = build_processor(cfg, dataset)
     collator = build_collator(cfg, processor)
     policy = build_policy(cfg, processor, plain_statistics(dataset.statistics))
-    return Run(cfg, dataset, build_loader(cfg, dataset), processor, collator, policy, build_heldout(cfg, dataset))
+    calibrate = policy.eos is not None and cfg.trainer.eos_calibrate
+    return Run(cfg, dataset, build_loader(cfg, dataset), processor, collator, policy, build_heldout(cfg, dataset),
+               build_heldout(cfg, dataset, train=True) if calibrate else [])
 
 
 def save_policy(run: Run, trainer: Trainer) -> Optional[Path]:

@@ -17,11 +17,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # %% auto #0
-__all__ = ['TAGS', 'MAX_STAGE', 'TINY_VLM', 'Section', 'ECoTDataConfig', 'VLADataConfig', 'DatasetsConfig',
-           'LatentReasoningConfig', 'QwenVLConfig', 'ActionModelConfig', 'FrameworkConfig', 'LearningRateConfig',
-           'OptimizerConfig', 'CurriculumConfig', 'CRaFTConfig', 'TrainerConfig', 'Config', 'ConfigError',
-           'check_config', 'project_root', 'resolve_path', 'check_paths', 'config_path', 'apply_overrides',
-           'parse_config', 'load_config', 'save_config', 'with_stage']
+__all__ = ['TAGS', 'MAX_STAGE', 'TINY_VLM', 'REMOVED_KEYS', 'BASE_KEY', 'Section', 'ECoTDataConfig', 'VLADataConfig',
+           'DatasetsConfig', 'LatentReasoningConfig', 'QwenVLConfig', 'ActionModelConfig', 'FrameworkConfig',
+           'LearningRateConfig', 'OptimizerConfig', 'CurriculumConfig', 'CRaFTConfig', 'TrainerConfig', 'Config',
+           'ConfigError', 'check_config', 'project_root', 'resolve_path', 'check_paths', 'config_path',
+           'merge_config_dicts', 'read_config_dict', 'apply_overrides', 'parse_config', 'load_config', 'save_config',
+           'with_stage']
 
 # %% ../nbs/00_config.ipynb #f2a28a17
 TAGS: tuple[str, ...] = ("TASK", "PLAN", "VISIBLE OBJECTS", "SUBTASK REASONING", "SUBTASK",
@@ -36,8 +37,15 @@ class Section(BaseModel):
 
 class ECoTDataConfig(Section):
     "`datasets.vla_data.ecot`: where the RLDS data and reasoning live and how frames become samples."
-    data_root_dir: Optional[str] = None  # TFDS data_dir; None = embedded default generated into the cache
-    data_mix: str = "bridge"  # a named mixture of the dataset registry
+    # TFDS data_dir (dataset_py ecot_rlds) or LeRobot v3 dataset root, the folder holding meta/info.json
+    # (lerobot_datasets); None = the embedded default, generated into the cache in that format
+    data_root_dir: Optional[str] = None
+    # a dataset or mixture name: of the registry (ecot.registry: bridge_orig, bridge, bridge_two, ...) or declared below
+    data_mix: str = "bridge"
+    # datasets beyond the registry: {name (directory under data_root_dir): {DatasetSpec field: value}}, e.g.
+    # {my_robot: {image_keys: [wrist, front], state_dim: 8}}; fields left out keep the Bridge layout
+    datasets: dict[str, dict[str, Any]] = {}
+    mixtures: dict[str, dict[str, float]] = {}  # {mixture name: {dataset name: weight}}
     scheduled_stage: int = Field(0, ge=0)  # curriculum stage used when no schedule applies
     thinking_token_count: int = Field(2, ge=1)  # thinking tokens per replaced tag (default)
     tag2think_count: dict[str, int] = {}  # per-tag override of thinking_token_count
@@ -54,12 +62,17 @@ class ECoTDataConfig(Section):
     lower_case_instruction: bool = True
     train: bool = True
     substep_labels_json: Optional[str] = None  # external EOS labels; None = from subtask changes in the reasoning
-    backend: Literal["auto", "tf", "torch"] = "auto"  # RLDS reader; auto = tf when TensorFlow imports, else torch
 
 
 class VLADataConfig(Section):
     "`datasets.vla_data`: the loader around the ECoT data."
+    # the frames source: ecot_rlds (RLDS/TFDS shards) or lerobot_datasets (a LeRobot v3 dataset, ecot.lerobot);
+    # ecot.build.build_dataset lists the accepted values
     dataset_py: str = "ecot_rlds"
+    # datasets without a validation split: episodes whose seeded hash of (file path, episode id) falls below
+    # heldout_fraction are held out (evaluation) and never trained on or counted in the statistics (ecot.registry.HoldOut)
+    heldout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    heldout_seed: int = 0  # its own seed, not `seed`: runs over several training seeds share one held-out set
     per_device_batch_size: int = Field(4, ge=1)
     num_workers: int = Field(0, ge=0)
     image_size: tuple[int, int] = (224, 224)  # (height, width) after resizing
@@ -95,7 +108,6 @@ class QwenVLConfig(Section):
 
 class ActionModelConfig(Section):
     "`framework.action_model`: the flow-matching DiT action head."
-    action_model_type: str = "DiT"
     hidden_size: int = Field(128, ge=8)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -123,13 +135,13 @@ class ActionModelConfig(Section):
     eos_pos_weight: float = Field(10.0, gt=0)  # weighted_bce
     eos_focal_alpha: float = Field(0.25, gt=0, lt=1)  # focal
     eos_focal_gamma: float = Field(2.0, ge=0)
-    # what the EOS head reads in training: the action head at t = 1 on the true chunk, on the chunk the policy
-    # predicts (what it reads at inference), or the flow-matching pass's noisy states
-    eos_input: Literal["clean", "predicted", "noisy"] = "clean"
+    # what the EOS head reads in training: the action head at t = 1 on the chunk the policy predicts (what it
+    # reads at inference), on the true chunk, or the flow-matching pass's noisy states
+    eos_input: Literal["clean", "predicted", "noisy"] = "predicted"
 
 
 class FrameworkConfig(Section):
-    name: str = "QwenFlowMatching"
+    name: str = "QwenFlowMatching"  # a label, printed in the run banner; it selects nothing
     enable_latent_reasoning: bool = False
     latent_reasoning: LatentReasoningConfig = LatentReasoningConfig()
     qwenvl: QwenVLConfig = QwenVLConfig()
@@ -183,6 +195,8 @@ class TrainerConfig(Section):
     eval_interval: int = Field(1000, ge=1)  # held-out evaluation every this many steps, and at the end
     eval_samples: int = Field(64, ge=0)  # held-out frames evaluated (0: no evaluation)
     eval_frame_stride: int = Field(4, ge=1)  # every this-many-th frame of the validation split (spread over episodes)
+    # at each evaluation, set the EOS threshold to the one with the best F1 on as many training frames (inference path)
+    eos_calibrate: bool = True
     repeated_diffusion_steps: int = Field(4, ge=1)
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     keep_last_checkpoints: int = Field(3, ge=1)  # older checkpoints are deleted
@@ -231,8 +245,18 @@ def _known_keys(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
+# keys that existed once: what to do instead (more useful than "unknown key")
+REMOVED_KEYS = {
+    "datasets.vla_data.ecot.backend": "there is one RLDS reader now (TensorFlow-free, ecot.episodes); delete the key",
+    "framework.action_model.action_model_type": "it selected nothing (the action head is always the flow-matching DiT, "
+                                                "sized by hidden_size, num_layers and num_heads); delete the key",
+}
+
+
 def _describe(err: dict) -> str:
     key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden" and key in REMOVED_KEYS:
+        return f"key '{key}' was removed: {REMOVED_KEYS[key]}"
     if err["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(err["loc"][-1]), _known_keys(err["loc"]), n=1)
         hint = f" (did you mean '{'.'.join(map(str, err['loc'][:-1] + (close[0],)))}'?)" if close else ""
@@ -348,6 +372,58 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
     return shipped
 
 
+BASE_KEY = "base"  # top-level key of a config file naming the config it extends
+
+
+def merge_config_dicts(base: dict, override: dict) -> dict:
+    "A new dict: `base` with `override` laid over it; sections (mappings) merge key by key, any other value replaces."
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge_config_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml_mapping(path: Path) -> dict:
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(d).__name__}")
+    return d
+
+
+def _base_path(base: Any, path: Path) -> Path:
+    "The file that `base: <value>` in `path` names: a .yaml path (relative to `path`'s folder) or a shipped name."
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"config file {path}: {BASE_KEY} = {base!r}: expected a shipped config name or a .yaml path")
+    p = Path(base).expanduser()
+    if p.suffix in (".yaml", ".yml"):
+        p = p if p.is_absolute() else path.parent / p
+        if not p.exists():
+            raise ConfigError(f"config file {path}: {BASE_KEY} file {p} does not exist")
+        return p
+    try:
+        return config_path(base)
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {BASE_KEY} = {base!r}: {e}") from None
+
+
+def read_config_dict(name_or_path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """The nested dict of a YAML config (path or shipped name) with its `base:` chain resolved: the named base is
+    read first (itself possibly extending another) and this file's keys are laid over it (`merge_config_dicts`)."""
+    path = config_path(name_or_path)
+    here = path.resolve()
+    if here in _chain:
+        loop = " -> ".join(str(p) for p in (*_chain[_chain.index(here):], here))
+        raise ConfigError(f"config file {path}: the {BASE_KEY} chain comes back to it: {loop}")
+    d = _read_yaml_mapping(path)
+    if BASE_KEY not in d:
+        return d
+    own = {k: v for k, v in d.items() if k != BASE_KEY}
+    return merge_config_dicts(read_config_dict(_base_path(d[BASE_KEY], path), (*_chain, here)), own)
+
+
 def apply_overrides(d: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     "Set `dotted.key=value` overrides (values parsed as YAML) into the nested dict `d` (in place)."
     for item in overrides:
@@ -379,14 +455,9 @@ def parse_config(d: dict, source: str = "<dict>") -> Config:
 
 def load_config(name_or_path: str | os.PathLike = "tiny", overrides: list[str] | tuple[str, ...] = (),
                 check_inputs: bool = True) -> Config:
-    "Load a YAML config (path or shipped name), apply `dotted.key=value` overrides, validate; check input paths unless told not to."
+    "Load a YAML config (path or shipped name; its `base:` chain resolved), apply `dotted.key=value` overrides, validate; check input paths unless told not to."
     path = config_path(name_or_path)
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level, got {type(d).__name__}")
+    d = read_config_dict(path)
     cfg = parse_config(apply_overrides(d, list(overrides)), str(path))
     return check_paths(cfg, str(path)) if check_inputs else cfg
 

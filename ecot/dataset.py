@@ -1,4 +1,4 @@
-"""A torch `IterableDataset` over the RLDS pipeline that yields one sample dict per frame (images, instruction, ECoT reasoning, action chunk, state, meta), sharded across DataLoader workers and ranks.
+"""A torch `IterableDataset` over the RLDS reader that yields one sample dict per frame (images, instruction, ECoT reasoning, action chunk, state, meta), sharded across DataLoader workers and ranks.
 
 Docs: https://ecot-dev.github.io/ecot/dataset.html.md"""
 
@@ -7,10 +7,11 @@ Docs: https://ecot-dev.github.io/ecot/dataset.html.md"""
 # %% ../nbs/04_dataset.ipynb #c80c25c9
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,17 +20,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .eos import EOSLabeler, load_substep_labels
 from .reasoning import Coverage, ReasoningLookup, load_reasoning_json
-# TF-free imports: the tf.data pipeline (ecot.rlds) is imported only when backend "tf" is used
-from .tfds_reader import (check_data_root, check_image_size, dataset_dir, interleaved_frames, resolve_backend,
-                              resolve_mixture)
+from .episodes import TFDSDirectory, shard_files, split_for
+from .registry import (DatasetSpec, HoldOut, cache_dir, cached_json, check_data_root, dataset_dir, file_digests,
+                           resolve_mixture)
+from .transforms import (check_pipeline_args, dataset_statistics, flatten, frame_transform,
+                         standardize_trajectory, trajectory_transform)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REASONING_FILE = "embodied_features_bridge.json"
 
 # %% auto #0
-__all__ = ['log', 'DEFAULT_REASONING_FILE', 'distributed_rank_world', 'current_shard', 'ECoTRLDSDataset', 'ECoTDataLoader',
-           'make_dataloader']
+__all__ = ['log', 'DEFAULT_REASONING_FILE', 'MIX_BLOCK', 'Mixture', 'distributed_rank_world', 'current_shard', 'episode_index',
+           'DatasetStream', 'MixtureDraws', 'ShardReader', 'make_interleaved_frames', 'check_heldout_side',
+           'ECoTRLDSDataset', 'ECoTDataLoader', 'make_dataloader']
 
 # %% ../nbs/04_dataset.ipynb #4942a318
 def distributed_rank_world() -> tuple[int, int]:
@@ -46,7 +50,175 @@ def current_shard() -> tuple[int, int]:
     wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
     return rank * nw + wid, world * nw
 
+# %% ../nbs/04_dataset.ipynb #30bdefce
+MIX_BLOCK = 1024  # mixture draws per generator: counting the draws before frame k costs k / MIX_BLOCK vector ops
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def episode_index(directory: TFDSDirectory, split: str, cache=None) -> list:
+    "`directory.index(split)`, cached under the hash of dataset_info.json and the shards' contents."
+    files = directory.files(split)
+    h = hashlib.sha256((directory.path / "dataset_info.json").read_bytes())
+    for f, digest in zip(files, file_digests(files)):
+        h.update(f"{f.name}:{digest}".encode())
+    path = cache_dir(cache) / "episode_index" / f"{directory.name}_{split}_{h.hexdigest()[:16]}.json"
+    return cached_json(path, lambda: {"files": directory.index(split)})["files"]
+
+
+class DatasetStream:
+    "One dataset's frames (images as read: encoded for RLDS) for one shard, side and epoch, readable from any frame."
+
+    def __init__(self, data_root_dir, spec: DatasetSpec, stats: dict, train: bool, past: int, future: int,
+                 shuffle_frames: int, seed: int, shard_index: int, num_shards: int, verify_checksums: bool = True,
+                 holdout: HoldOut = HoldOut(), cache=None):
+        self.directory = directory = TFDSDirectory(dataset_dir(data_root_dir, spec.name), verify_checksums)
+        split, filt = split_for(directory, spec, train, holdout)
+        self.files, index = directory.files(split), episode_index(directory, split, cache)
+        picked, by_files = shard_files(len(self.files), shard_index, num_shards, shuffle_frames > 1, seed)
+        episodes, k = [], -1
+        for fi in picked:  # the same shard and hold-out rules as TFDSDirectory.episodes, on the index
+            for offset, steps, file_path, episode_id in index[fi]:
+                k += 1
+                if (by_files or k % num_shards == shard_index) and (filt is None or filt.held_out(file_path, episode_id) != train):
+                    episodes.append((self.files[fi], offset, steps))
+        self._setup(episodes, spec, stats, past, future, shuffle_frames, seed)
+
+    def _setup(self, episodes: Sequence[tuple], spec: DatasetSpec, stats: dict, past: int, future: int,
+               shuffle_frames: int, seed: int) -> None:
+        """Group `episodes` (`(where, position, frames)` in reading order; `self.directory.read_at(where, position)`
+        reads one) into blocks of consecutive episodes of >= `shuffle_frames` frames (one episode a block without
+        shuffling), and keep what `frames` needs. Another episode source (e.g. `ecot.lerobot`) lists its episodes and
+        calls this."""
+        self.blocks, size = [], 0
+        for ep in episodes:
+            if not self.blocks or size >= max(shuffle_frames, 1):
+                self.blocks.append([]); size = 0
+            self.blocks[-1].append(ep); size += ep[2]
+        self.starts = np.cumsum([0] + [sum(e[2] for e in b) for b in self.blocks])
+        self.total = int(self.starts[-1])
+        self.spec, self.stats, self.past, self.future = spec, stats, past, future
+        self.shuffle, self.seed = shuffle_frames > 1, seed
+
+    def frames(self, start: int = 0) -> Iterator[dict]:
+        "The frames from frame `start` on (reads the episodes of `start`'s block and after, no others)."
+        b = int(np.searchsorted(self.starts, start, side="right")) - 1
+        skip = start - int(self.starts[b]) if b < len(self.blocks) else 0
+        for bi in range(b, len(self.blocks)):
+            frames = [fr for path, offset, _ in self.blocks[bi] for fr in flatten(trajectory_transform(
+                standardize_trajectory(self.directory.read_at(path, offset), self.spec), self.spec, self.stats,
+                self.past, self.future))]
+            order = np.random.default_rng([self.seed, bi]).permutation(len(frames)) if self.shuffle else range(len(frames))
+            for j in order[skip:]:
+                yield frames[j]
+            skip = 0
+
+
+class MixtureDraws:
+    "Which dataset gives each frame of a mixture: seeded draws by weight, ending at the first draw of an exhausted one."
+
+    def __init__(self, lengths: Sequence[int], weights: Sequence[float], seed: int):
+        self.lengths, self.seed = np.asarray(lengths, np.int64), seed
+        self.p = np.asarray(weights, float) / np.sum(weights)
+        self.total = self._scan(None)
+
+    def _block(self, c: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 1, c]).choice(len(self.p), size=MIX_BLOCK, p=self.p)
+
+    def _scan(self, start: Optional[int]):
+        "Without `start`: the number of draws before the first exhausted pick. With it: per-dataset counts before `start`."
+        counts, c = np.zeros(len(self.p), np.int64), 0
+        while True:
+            ch = self._block(c)
+            if start is not None and start < (c + 1) * MIX_BLOCK:
+                return counts + np.bincount(ch[:start - c * MIX_BLOCK], minlength=len(self.p))
+            running = counts[ch] + (np.cumsum(np.eye(len(self.p), dtype=np.int64)[ch], 0)[np.arange(MIX_BLOCK), ch])
+            over = np.flatnonzero(running > self.lengths[ch])
+            if over.size and start is None:
+                return c * MIX_BLOCK + int(over[0])
+            counts += np.bincount(ch, minlength=len(self.p))
+            c += 1
+
+    def counts_at(self, start: int) -> np.ndarray:
+        "How many frames each dataset gave before draw `start` (`start` <= `total`)."
+        return self._scan(min(start, self.total))
+
+    def draws(self, start: int = 0) -> Iterator[int]:
+        for i in range(start, self.total):
+            if i == start or i % MIX_BLOCK == 0:
+                ch = self._block(i // MIX_BLOCK)
+            yield int(ch[i % MIX_BLOCK])
+
+
+class ShardReader:
+    "The frames of a mixture for one shard and epoch: `total` frames, readable from any `start`."
+
+    def __init__(self, data_root_dir, mixture: Sequence[tuple[DatasetSpec, float]], stats: dict, train: bool,
+                 past: int, future: int, shuffle_buffer_size: int, seed: int, shard_index: int, num_shards: int,
+                 verify_checksums: bool = True, holdout: HoldOut = HoldOut(), cache=None):
+        shuffle = shuffle_buffer_size if train and shuffle_buffer_size > 1 else 0
+        self.streams = [DatasetStream(data_root_dir, spec, stats[spec.name], train, past, future, shuffle, seed,
+                                      shard_index, num_shards, verify_checksums, holdout, cache) for spec, _ in mixture]
+        self.mix = (MixtureDraws([s.total for s in self.streams], [w for _, w in mixture], seed)
+                    if len(self.streams) > 1 else None)
+        self.total = self.mix.total if self.mix else self.streams[0].total
+        self.files = [f for s in self.streams for f in s.files]
+
+    def frames(self, start: int = 0) -> Iterator[dict]:
+        if self.mix is None:
+            yield from self.streams[0].frames(start)
+            return
+        its = [s.frames(int(c)) for s, c in zip(self.streams, self.mix.counts_at(start))]
+        for k in self.mix.draws(start):
+            yield next(its[k])
+
+
+Mixture = Union[str, Sequence[tuple[DatasetSpec, float]]]
+
+
+def make_interleaved_frames(data_root_dir, mixture: Mixture, image_size=(224, 224), train: bool = True,
+                            past_action_window_size: int = 0, future_action_window_size: int = 0,
+                            shuffle_buffer_size: int = 1000, image_aug: bool = False, seed: int = 0, epoch: int = 0,
+                            shard_index: int = 0, num_shards: int = 1, statistics: Optional[dict] = None,
+                            cache: Optional[str | os.PathLike] = None, verify_checksums: bool = True,
+                            holdout: HoldOut = HoldOut(), start: int = 0):
+    """The frames of a mixture (a name, or resolved `(spec, weight)` pairs) for one shard and epoch, from frame `start`.
+    Returns (iterator of numpy frames, {dataset: statistics}, shard files). Shuffles only when `train`."""
+    image_size = check_pipeline_args(data_root_dir, image_size, past_action_window_size, future_action_window_size)
+    mixture = resolve_mixture(mixture) if isinstance(mixture, str) else list(mixture)
+    stats = dict(statistics or {})
+    for spec, _ in mixture:
+        if spec.name not in stats:
+            stats[spec.name] = dataset_statistics(data_root_dir, spec, cache, verify_checksums, holdout)
+    eseed = _epoch_seed(seed, epoch)
+    reader = ShardReader(data_root_dir, mixture, stats, train, past_action_window_size, future_action_window_size,
+                         shuffle_buffer_size, eseed, shard_index, num_shards, verify_checksums, holdout, cache)
+    frames = (frame_transform(fr, image_size, image_aug, eseed) for fr in reader.frames(start))
+    return frames, stats, reader.files
+
+
+def check_heldout_side(data_root_dir, spec: DatasetSpec, holdout: HoldOut = HoldOut(), verify_checksums: bool = True) -> None:
+    "Fail, naming the dataset, split and fraction, when a dataset's held-out side has no episode (stops at the first found)."
+    directory = TFDSDirectory(dataset_dir(data_root_dir, spec.name), verify_checksums)
+    split, filt = split_for(directory, spec, False, holdout)
+    if next(directory.episodes(split, decode_images=False, holdout=filt, heldout=True), None) is not None:
+        return
+    if filt is None:
+        raise ValueError(f"dataset {spec.name!r} at {directory.path}: its validation split {split!r} has no episodes")
+    raise ValueError(
+        f"dataset {spec.name!r} at {directory.path}: no held-out episodes. It has no {spec.val_split!r} split, and none "
+        f"of the {directory.num_examples(split)} episodes of split {split!r} falls in the held-out fraction "
+        f"{holdout.fraction} (datasets.vla_data.heldout_fraction, seed {holdout.seed}): raise the fraction or add a "
+        f"{spec.val_split!r} split")
+
 # %% ../nbs/04_dataset.ipynb #7a2f52af
+def _frame_key(file_path: str, episode_id: int, step: int) -> int:
+    "A 63-bit key of one frame, the same in every process (not Python's salted hash)."
+    return int.from_bytes(hashlib.blake2b(f"{file_path}|{episode_id}|{step}".encode(), digest_size=8).digest(), "little") >> 1
+
+
 class ECoTRLDSDataset(IterableDataset):
     "Frames of an RLDS mixture as ECoT sample dicts (see the table above)."
 
@@ -56,19 +228,15 @@ class ECoTRLDSDataset(IterableDataset):
                  reasoning_dropout_prob: float = 0.0, load_proprio: bool = True,
                  lower_case_instruction: bool = True, train: bool = True, seed: int = 0,
                  gripper_horizon: int = 4, cache_dir=None, statistics: Optional[dict] = None,
-                 substep_labels_json=None, backend: str = "auto"):
-        self.backend = resolve_backend(backend)  # "tf" (tf.data) or "torch" (TensorFlow-free ecot.tfds_reader)
+                 substep_labels_json=None, heldout_fraction: float = 0.05, heldout_seed: int = 0):
+        """The setup every frame source shares (arguments, reasoning, EOS labels, statistics, the held-out side's
+        check). A subclass reads another format by overriding the hooks `_open`, `_dataset_statistics`,
+        `_check_heldout_side` and `_reader` (e.g. `ecot.lerobot.LeRobotECoTDataset`)."""
+        self.image_size = check_pipeline_args(data_root_dir, image_size, past_action_window_size,
+                                              future_action_window_size)
         self.data_root_dir = check_data_root(data_root_dir)
-        self.image_size = check_image_size(image_size)
-        self.mixture = resolve_mixture(data_mix)
-        for spec, _ in self.mixture:
-            dataset_dir(self.data_root_dir, spec.name)  # fails now, naming the missing directory
-        views = {len(spec.image_keys) for spec, _ in self.mixture}
-        dims = {(spec.action_dim, spec.state_dim) for spec, _ in self.mixture}
-        if len(views) > 1 or len(dims) > 1:
-            raise ValueError(f"mixture {data_mix!r} mixes datasets with different view counts or action/state dims: "
-                             + ", ".join(f"{s.name} ({len(s.image_keys)} views, action {s.action_dim}, state {s.state_dim})"
-                                         for s, _ in self.mixture))
+        self.holdout = HoldOut(heldout_fraction, heldout_seed)
+        self.mixture = self._open(data_mix)  # resolved once: workers use these specs, never the name
         self.data_mix, self.train, self.seed, self.epoch, self._worker_passes = data_mix, train, seed, 0, 0
         self.past, self.future = past_action_window_size, future_action_window_size
         self.shuffle_buffer_size, self.image_aug = shuffle_buffer_size, image_aug
@@ -85,16 +253,73 @@ class ECoTRLDSDataset(IterableDataset):
         # EOS labels: the external substep-labels JSON where it lists the episode, else the reasoning's subtask changes
         self.substep_labels = load_substep_labels(substep_labels_json) if substep_labels_json is not None else {}
         self.coverage = Coverage()
-        # statistics: computed (or read from the cache) once, in the constructing process
-        _, self.statistics, _ = interleaved_frames(
-            self.backend, self.data_root_dir, data_mix, self.image_size, train, self.past, self.future,
-            shuffle_buffer_size, image_aug, seed, statistics=statistics, cache=cache_dir)
+        # statistics (of the training side): computed (or read from the cache) once, in the constructing process
+        self.statistics = dict(statistics or {})
+        for spec, _ in self.mixture:
+            if spec.name not in self.statistics:
+                self.statistics[spec.name] = self._dataset_statistics(spec)
+        if not train:  # an empty held-out side is an error here, not an empty epoch later
+            for spec, _ in self.mixture:
+                self._check_heldout_side(spec)
+
+    def _open(self, data_mix: str) -> list[tuple[DatasetSpec, float]]:
+        "The `(spec, weight)` mixture of `data_mix`, its datasets checked now (missing directory, mismatched shapes)."
+        mixture = resolve_mixture(data_mix)
+        for spec, _ in mixture:
+            dataset_dir(self.data_root_dir, spec.name)  # fails now, naming the missing directory
+        views = {len(spec.image_keys) for spec, _ in mixture}
+        dims = {(spec.action_dim, spec.state_dim) for spec, _ in mixture}
+        if len(views) > 1 or len(dims) > 1:
+            raise ValueError(f"mixture {data_mix!r} mixes datasets with different view counts or action/state dims: "
+                             + ", ".join(f"{s.name} ({len(s.image_keys)} views, action {s.action_dim}, state {s.state_dim})"
+                                         for s, _ in mixture))
+        return mixture
+
+    def _dataset_statistics(self, spec: DatasetSpec) -> dict:
+        "Statistics of one dataset's training side (cached: `ecot.transforms.dataset_statistics`)."
+        return dataset_statistics(self.data_root_dir, spec, self.cache_dir, holdout=self.holdout)
+
+    def _check_heldout_side(self, spec: DatasetSpec) -> None:
+        check_heldout_side(self.data_root_dir, spec, self.holdout)
 
     def __getstate__(self):
         "Spawned workers re-read the reasoning JSON instead of receiving a pickled copy of it."
         state = dict(self.__dict__)
         state["_reasoning_data"] = None
         return state
+
+    def seek(self, epoch: int, batches: int, batch_size: int, num_workers: int) -> None:
+        """Start the next pass at epoch `epoch` after the `batches` batches a loader with this batch size and worker
+        count gave in it: each shard starts at its own frame, found from the episode index, nothing decoded."""
+        self.set_epoch(epoch)
+        self._resume = (int(epoch), int(batches), int(batch_size), int(num_workers))
+
+    def _reader(self, shard_index: int, num_shards: int) -> ShardReader:
+        "This epoch's frames of a shard (`total`, `frames(start)`): `_start` counts them to seek, `iter_shard` reads them."
+        return ShardReader(self.data_root_dir, self.mixture, self.statistics, self.train, self.past, self.future,
+                           self.shuffle_buffer_size, _epoch_seed(self.seed, self.epoch), shard_index, num_shards,
+                           holdout=self.holdout, cache=self.cache_dir)
+
+    def _start(self, shard_index: int, num_shards: int) -> tuple[int, int]:
+        """(shard, frame) this pass of the worker at `shard_index` reads from: its own shard from frame 0, or where a
+        `seek` puts it (once). The DataLoader takes batches from its workers in turn, always starting with worker 0,
+        while the interrupted pass would have continued with the worker after the last one it took from: so after a
+        seek, worker w reads the shard of the w-th worker in the interrupted pass's turn order from there."""
+        resume = self.__dict__.pop("_resume", None)
+        if resume is None or resume[0] != self.epoch:
+            return shard_index, 0
+        _, batches, batch_size, num_workers = resume
+        nw = max(num_workers, 1)
+        first = shard_index - shard_index % nw  # this rank's shards: one per worker
+        totals = [self._reader(first + w, num_shards).total for w in range(nw)]
+        left = [-(-t // batch_size) for t in totals]  # batches each worker gives this epoch
+        taken, last = [0] * nw, nw - 1
+        while batches > 0 and any(left):  # in turn, over the workers that still have data
+            for w in range(nw):
+                if left[w] and batches > 0:
+                    left[w] -= 1; taken[w] += 1; batches -= 1; last = w
+        w = (last + 1 + shard_index % nw) % nw
+        return first + w, min(taken[w] * batch_size, totals[w])
 
     def set_epoch(self, epoch: int) -> None:
         "Reseed shuffling, augmentation and reasoning dropout for `epoch`."
@@ -111,6 +336,8 @@ class ECoTRLDSDataset(IterableDataset):
         m = frame["meta"]
         meta = {"dataset": m["dataset"].decode(), "file_path": m["file_path"].decode(),
                 "episode_id": int(m["episode_id"]), "step": int(m["step"])}
+        # dropout drawn per frame (not from one stream per pass): a seek lands on the same draws
+        lookup.reseed([self.seed, self.epoch, _frame_key(meta["file_path"], meta["episode_id"], meta["step"])])
         reasoning, meta["has_reasoning"] = lookup.get(meta["file_path"], meta["episode_id"], meta["step"])
         lang = frame["language"].decode()
         return {"image": [Image.fromarray(im) for im in frame["images"].values()],
@@ -134,14 +361,15 @@ class ECoTRLDSDataset(IterableDataset):
             # never reaches it): every pass after its first is the next epoch
             self.epoch += self._worker_passes > 0
             self._worker_passes += 1
-        return self.iter_shard(*current_shard())
+        shard_index, num_shards = current_shard()
+        shard, start = self._start(shard_index, num_shards)  # now: the loader clears a seek once its workers have it
+        return self.iter_shard(shard, num_shards, start=start)
 
-    def iter_shard(self, shard_index: int, num_shards: int) -> Iterator[dict]:
-        "One epoch of the samples of shard `shard_index` of `num_shards`."
-        frames, _, _ = interleaved_frames(
-            self.backend, self.data_root_dir, self.data_mix, self.image_size, self.train, self.past, self.future,
-            self.shuffle_buffer_size, self.image_aug, self.seed, self.epoch, shard_index, num_shards,
-            statistics=self.statistics, cache=self.cache_dir)
+    def iter_shard(self, shard_index: int, num_shards: int, start: int = 0) -> Iterator[dict]:
+        "One epoch of the samples of shard `shard_index` of `num_shards`, from its frame `start`."
+        eseed = _epoch_seed(self.seed, self.epoch)  # as make_interleaved_frames
+        frames = (frame_transform(fr, self.image_size, self.image_aug, eseed)
+                  for fr in self._reader(shard_index, num_shards).frames(start))
         lookup = self._lookup(shard_index)
         labeler = EOSLabeler(lookup, self.substep_labels)
         self.coverage = lookup.counts  # live counts of this process's current pass
@@ -169,11 +397,18 @@ class ECoTDataLoader(DataLoader):
         super().__init__(dataset, *args, collate_fn=_CountingCollate(collate_fn), **kwargs)
         self.coverage, self.passes = Coverage(), 0
 
+    def seek(self, epoch: int, batches: int) -> None:
+        "Make the next pass epoch `epoch`, starting after its first `batches` batches (read nothing before them)."
+        self.passes = int(epoch)
+        self.dataset.seek(epoch, batches, self.batch_size, self.num_workers)
+
     def __iter__(self):
         self.dataset.set_epoch(self.passes)
         self.passes += 1
         self.coverage = Coverage()
-        for batch, n_with, n_without in super().__iter__():
+        batches = super().__iter__()  # workers (or this process) took their start from a seek...
+        self.dataset.__dict__.pop("_resume", None)  # ...which applies to this pass only
+        for batch, n_with, n_without in batches:
             self.coverage.add(True, n_with)
             self.coverage.add(False, n_without)
             yield batch

@@ -1,4 +1,4 @@
-"""Bad-input catalogue of the data layer (ecot.reasoning, ecot.rlds, ecot.dataset): each bad input is a
+"""Bad-input catalogue of the data layer (ecot.reasoning, ecot.registry, ecot.episodes, ecot.dataset): each bad input is a
 clear error naming the thing; a frame without reasoning is counted, not fatal."""
 import json
 import shutil
@@ -7,7 +7,8 @@ import pytest
 
 from ecot.dataset import ECoTRLDSDataset, make_dataloader
 from ecot.reasoning import ReasoningFormatError
-from ecot.rlds import CorruptShardError, UnknownNameError, open_builder, shard_files
+from ecot.episodes import TFDSDirectory
+from ecot.registry import CorruptShardError, UnknownNameError, dataset_dir
 from ecot.synthetic import load_manifest, write_synthetic_bridge
 
 
@@ -38,19 +39,18 @@ def test_dataset_directory_missing_under_root(tmp_path):
         make(tmp_path)
 
 
-@pytest.mark.parametrize("backend", ["tf", "torch"])
-def test_incomplete_tfds_directory_names_the_file_and_cause(root, tmp_path, backend):
-    "A dataset directory without features.json, or whose dataset_info.json lacks version/splits: the same clear error on both backends."
+def test_incomplete_tfds_directory_names_the_file_and_cause(root, tmp_path):
+    "A dataset directory without features.json, or whose dataset_info.json lacks version/splits: a clear error."
     bad = tmp_path / "data"
     shutil.copytree(root, bad)
     version = next((bad / "bridge_orig").iterdir())
     (version / "features.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a TFDS dataset directory: .*features.json is missing"):
-        make(bad, backend=backend)
+        make(bad)
     shutil.copy(next((root / "bridge_orig").iterdir()) / "features.json", version / "features.json")
     (version / "dataset_info.json").write_text("{}")
     with pytest.raises(ValueError, match="dataset_info.json: no 'version' or 'splits'"):
-        make(bad, backend=backend)
+        make(bad)
 
 
 @pytest.mark.parametrize("mix", ["bridg", "no_such_mixture"])
@@ -109,7 +109,7 @@ def test_frame_without_reasoning_is_counted_not_fatal(root, tmp_path):
 def test_corrupted_tfrecord_shard_is_named(root, tmp_path, damage, damage_shard):
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
-    shard = shard_files(open_builder(copy, "bridge_orig"), "train")[0]
+    shard = TFDSDirectory(dataset_dir(copy, "bridge_orig")).files("train")[0]
     damage_shard(shard, damage)
     with pytest.raises(CorruptShardError, match=f"corrupted TFRecord shard: .*{shard.name}"):
         list(make(copy))  # statistics (new fingerprint) or iteration: either names the file

@@ -281,7 +281,9 @@ def test_the_dataset_fingerprint_sees_a_change_anywhere_in_a_shard(tmp_path):
     "A byte changed past the first 64 KiB of a shard changes the statistics cache key (it did not before)."
     import shutil
     from ecot.synthetic import embedded_dataset
-    from ecot.tfds_reader import DATASETS, TFDSDirectory, dataset_fingerprint, file_digests
+    from ecot.episodes import TFDSDirectory
+    from ecot.registry import DATASETS, file_digests
+    from ecot.transforms import dataset_fingerprint
     root = tmp_path / "data"
     shutil.copytree(embedded_dataset(), root)
     directory = TFDSDirectory(next(root.rglob("dataset_info.json")).parent)
