@@ -1,7 +1,7 @@
 """Latent-forward overhead: full policy training step (VLM + action head + AdamW) at n thinking tokens,
 divided by the stage-0 step on the same model, batch and sequence — for the project's KV-cache latent path
 (lean one-column passes), the Coconut-style loop (one full `language_model` call per column on a growing
-`DynamicCache`, `latent_impl = "loop"`) and the naive full recompute per pass, plus peak-memory ratios.
+`DynamicCache`, `ecot.testing.loop_latent_forward`) and the naive full recompute per pass, plus peak-memory ratios.
 All numbers are ratios measured in one run.
 
     python bench/latent_overhead.py                      # 2B-shaped Qwen3-VL (random weights), bf16, GPU
@@ -15,8 +15,9 @@ import types
 
 import torch
 
-from ecot.backbone import (QwenVLBackbone, build_qwen3vl, compare_latent_to_reference, float64_rmsnorm,
-                           reference_latent_forward, tiny_qwen3vl_config, toy_batch)
+from ecot.backbone import QwenVLBackbone, build_qwen3vl, tiny_qwen3vl_config
+from ecot.testing import (ToyTokenizer, compare_latent_to_reference, float64_rmsnorm, loop_latent_forward,
+                          reference_latent_forward, toy_batch)
 from ecot.policy import ECoTPolicy
 from transformers import Qwen3VLForConditionalGeneration
 
@@ -73,37 +74,26 @@ def time_step(policy, batch, steps: int, warmup: int, device):
     return statistics.median(times), peak, out
 
 
-class _ToyTok:
-    "Token ids of `toy_batch` (0..49 text, 50 pad, 51..53 thinking markers, 60..63 vision) for the exactness check."
-    unk_token_id, pad_token_id = None, 50
-    _special = {"<|image_pad|>": 60, "<|video_pad|>": 61, "<|vision_start|>": 62, "<|vision_end|>": 63}
-    def convert_tokens_to_ids(self, t): return self._special.get(t)
-    def __len__(self): return 64
-
-
 def check_exactness(policy, device, n: int):
     "Both KV implementations against the naive reference on `device`: tiny model in float64/float32, bench model as is."
     for dtype in (torch.float64, torch.float32):
-        vlm = build_qwen3vl("tiny", _ToyTok(), seed=3, num_layers=3, deepstack_visual_indexes=(0, 1)).to(device, dtype)
+        vlm = build_qwen3vl("tiny", ToyTokenizer(), seed=3, num_layers=3, deepstack_visual_indexes=(0, 1)).to(device, dtype)
         bb = QwenVLBackbone(vlm).eval()
         b = toy_batch(vlm, think_counts=(2, 0, 3, 1), prefix_lens=(3, 5, 4, 2), suffix_lens=(4, 2, 5, 3))
         b = {k: v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else
              v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-        for impl in ("columns", "loop"):
-            bb.latent_impl = impl
+        for impl, forward in (("columns", bb.forward), ("loop", lambda **kw: loop_latent_forward(bb, **kw))):
             with float64_rmsnorm():
-                d = compare_latent_to_reference(bb, b)
+                d = compare_latent_to_reference(bb, b, forward=forward)
             print(f"check tiny {dtype} {impl}: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()), flush=True)
     bb = policy.backbone
     vlm = bb.vlm
     b = make_batch(vlm, n, 4, 120, 64, device)
     b["think_counts"] = torch.tensor([n, 0, n - 1, 1], device=device)  # ragged
-    for impl in ("columns", "loop"):
-        bb.latent_impl = impl
-        d = compare_latent_to_reference(bb, b)
+    for impl, forward in (("columns", bb.forward), ("loop", lambda **kw: loop_latent_forward(bb, **kw))):
+        d = compare_latent_to_reference(bb, b, forward=forward)
         print(f"check bench model {next(vlm.parameters()).dtype} {impl}: "
               + ", ".join(f"{k} {v:.1e}" for k, v in d.items()), flush=True)
-    bb.latent_impl = "columns"
     policy.zero_grad(set_to_none=True)
 
 
@@ -142,7 +132,7 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive full-recompute reference")
-    ap.add_argument("--no-loop", action="store_true", help="skip the Coconut-style loop (latent_impl='loop')")
+    ap.add_argument("--no-loop", action="store_true", help="skip the Coconut-style loop (ecot.testing.loop_latent_forward)")
     ap.add_argument("--eager", action="store_true", help="column passes without torch.compile (compile_columns=False)")
     ap.add_argument("--compile-layers", action="store_true",
                     help="also torch.compile every decoder layer and vision block (speeds up the stage-0 step too)")
@@ -171,9 +161,9 @@ def main():
         assert out["path"] == "latent", out["path"]
         row = {"n": n, "latent": t / base_t, "latent_mem": m / base_m if base_m else float("nan")}
         if not a.no_loop:
-            policy.backbone.latent_impl = "loop"
+            policy.backbone.forward = types.MethodType(loop_latent_forward, policy.backbone)
             tl, ml, _ = time_step(policy, batch, a.steps, a.warmup, device)
-            policy.backbone.latent_impl = "columns"
+            policy.backbone.forward = kv_forward
             row.update(loop=tl / base_t, loop_mem=ml / base_m if base_m else float("nan"))
         if not a.no_naive:
             policy.backbone.forward = types.MethodType(reference_latent_forward, policy.backbone)

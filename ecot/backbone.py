@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +26,8 @@ from .config import TINY_VLM  # the `framework.qwenvl.base_vlm` value of the tin
 
 # %% auto #0
 __all__ = ['VISION_TOKENS', 'vlm_token_ids', 'mrope_section_for', 'tiny_qwen3vl_config', 'resolve_attn_implementation',
-           'build_qwen3vl', 'resize_for_tokenizer', 'toy_batch', 'BackboneOutput', 'causal_lm_loss', 'column_layer',
-           'column_stack', 'compiled_column_step', 'QwenVLBackbone', 'reference_latent_forward',
-           'compare_latent_to_reference', 'float64_rmsnorm']
+           'build_qwen3vl', 'resize_for_tokenizer', 'BackboneOutput', 'causal_lm_loss', 'column_layer', 'column_stack',
+           'compiled_column_step', 'QwenVLBackbone']
 
 # %% ../nbs/08_backbone.ipynb #543c5e51
 VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -144,50 +143,6 @@ def resize_for_tokenizer(vlm: Qwen3VLForConditionalGeneration, tokenizer) -> int
         vlm.resize_token_embeddings(n)
     return vlm.get_input_embeddings().num_embeddings
 
-# %% ../nbs/08_backbone.ipynb #35a236e5
-def toy_batch(vlm: Qwen3VLForConditionalGeneration, think_counts: Sequence[int] = (2, 0, 3),
-              prefix_lens: Sequence[int] = (3, 5, 4), suffix_lens: Sequence[int] = (4, 2, 5),
-              image_hw: tuple[int, int] = (64, 64), thinking_ids: tuple[int, int, int] = (51, 52, 53),
-              n_text: int = 50, pad_id: int = 50, chunk_len: int = 4, action_dim: int = 7,
-              state_dim: Optional[int] = 7, stage: int = 1, seed: int = 0) -> dict[str, Any]:
-    "A batch in the collator's format (random ids, one random image per row) for tests; stage 0: no thinking span."
-    cfg, g = vlm.config, torch.Generator().manual_seed(seed)
-    vc = cfg.vision_config
-    gh, gw = image_hw[0] // vc.patch_size, image_hw[1] // vc.patch_size
-    n_img = gh * gw // vc.spatial_merge_size ** 2
-    sot, think, eot = thinking_ids
-    rows, labels, starts = [], [], []
-    for k, p, s in zip(think_counts, prefix_lens, suffix_lens):
-        text = lambda n: torch.randint(0, n_text, (n,), generator=g).tolist()
-        prompt = (text(p) + [cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id]
-                  + text(2))
-        span = [sot] + [think] * k + [eot] if stage >= 1 else []
-        reasoning = text(s)
-        rows.append(prompt + span + reasoning)
-        labels.append([-100] * (len(prompt) + len(span)) + reasoning)
-        starts.append(len(prompt) + 1 if stage >= 1 else 0)
-    left = [max(starts) - st for st in starts]
-    L = max(l + len(r) for l, r in zip(left, rows))
-    B = len(rows)
-    ids = torch.full((B, L), pad_id)
-    lab = torch.full((B, L), -100)
-    mask = torch.zeros(B, L, dtype=torch.long)
-    for b, (l, r, y) in enumerate(zip(left, rows, labels)):
-        ids[b, l:l + len(r)], lab[b, l:l + len(r)], mask[b, l:l + len(r)] = torch.tensor(r), torch.tensor(y), 1
-    mm = (ids == cfg.image_token_id).int()
-    grid = torch.tensor([[1, gh, gw]] * B)
-    pix = torch.randn(B * gh * gw, 3 * vc.temporal_patch_size * vc.patch_size ** 2, generator=g)
-    with torch.no_grad():
-        pos, _ = vlm.model.get_rope_index(ids, mm, grid, attention_mask=mask)
-    counts = torch.tensor(list(think_counts)) if stage >= 1 else torch.zeros(B, dtype=torch.long)
-    return dict(input_ids=ids, attention_mask=mask, labels=lab, pixel_values=pix, image_grid_thw=grid,
-                mm_token_type_ids=mm, position_ids=pos, think_start=max(starts) if stage >= 1 else None,
-                think_counts=counts, stage=stage,
-                actions=torch.rand(B, chunk_len, action_dim, generator=g) * 2 - 1,
-                action_mask=torch.ones(B, chunk_len, dtype=torch.bool),
-                states=torch.randn(B, state_dim, generator=g) if state_dim else None,
-                meta=[{} for _ in range(B)])
-
 # %% ../nbs/08_backbone.ipynb #293fa256
 @dataclass
 class BackboneOutput:
@@ -282,7 +237,6 @@ class QwenVLBackbone(nn.Module):
         if not -1 <= hidden_layer <= n:
             raise ValueError(f"hidden_layer = {hidden_layer}: expected -1 (last, after the final norm) or 0..{n}")
         self.vlm, self.hidden_layer = vlm, hidden_layer
-        self.latent_impl = "columns"  # or "loop": the Coconut-style loop of full language-model calls (reference)
         # the column passes through torch.compile: None = on CUDA only, True = always, False = never
         self.compile_columns: Optional[bool] = None
 
@@ -363,11 +317,6 @@ class QwenVLBackbone(nn.Module):
         B, L, _ = embeds.shape
         n_latent = int(think_counts.max())
         self._check_latent(L, think_start, n_latent, vis_mask)
-        if self.latent_impl == "loop":
-            return self._latent_forward_loop(embeds, attention_mask, position_ids, vis_mask, deepstack, think_start,
-                                             think_counts)
-        if self.latent_impl != "columns":
-            raise ValueError(f"latent_impl = {self.latent_impl!r}: expected 'columns' or 'loop'")
         cache = DynamicCache(config=self.vlm.config.text_config)
         ts, lm = think_start, self.language_model
         chosen, last = self.run_language_model(embeds[:, :ts], attention_mask[:, :ts], position_ids[:, :, :ts],
@@ -426,94 +375,3 @@ class QwenVLBackbone(nn.Module):
             last_parts.append(last)
         return BackboneOutput(torch.cat(chosen_parts, 1), torch.cat(last_parts, 1), path="latent",
                               latent_inputs=latent_inputs, n_passes=len(last_parts))
-
-    def _latent_forward_loop(self, embeds, attention_mask, position_ids, vis_mask, deepstack, think_start,
-                             think_counts):
-        "The Coconut-style loop: one full `language_model` call per thinking column (kept as a second implementation)."
-        B, L, _ = embeds.shape
-        n_latent = int(think_counts.max())
-        cache = DynamicCache(config=self.vlm.config.text_config)
-        ts = think_start
-        chosen, last = self.run_language_model(embeds[:, :ts], attention_mask[:, :ts], position_ids[:, :, :ts],
-                                               cache, None if vis_mask is None else vis_mask[:, :ts], deepstack)
-        chosen_parts, last_parts, latent_inputs = [chosen], [last], []
-        prev = last[:, -1]
-        for t in range(n_latent):
-            c = ts + t
-            is_thinking = (think_counts.to(embeds.device) > t)[:, None]
-            x = torch.where(is_thinking, prev.to(embeds.dtype), embeds[:, c])
-            latent_inputs.append(x)
-            chosen, last = self.run_language_model(x[:, None], attention_mask[:, : c + 1],
-                                                   position_ids[:, :, c : c + 1], cache)
-            chosen_parts.append(chosen)
-            last_parts.append(last)
-            prev = last[:, -1]
-        return self._final_pass(embeds, attention_mask, position_ids, cache, ts + n_latent, chosen_parts, last_parts,
-                                torch.stack(latent_inputs, 1))
-
-# %% ../nbs/08_backbone.ipynb #ac0a666e
-def reference_latent_forward(backbone: QwenVLBackbone, input_ids, attention_mask, position_ids, pixel_values=None,
-                             image_grid_thw=None, labels=None, think_start=None, think_counts=None,
-                             return_logits=True, **_ignored) -> BackboneOutput:
-    "Naive latent forward (no cache, full recompute per thinking column) — the definition the KV path must match."
-    embeds, vis_mask, deepstack = backbone.embed(input_ids, pixel_values, image_grid_thw)
-    n_latent, ts = int(think_counts.max()), think_start
-    latent_inputs = []
-    for t in range(n_latent):
-        c = ts + t
-        _, last = backbone.run_language_model(embeds[:, :c], attention_mask[:, :c], position_ids[:, :, :c], None,
-                                              None if vis_mask is None else vis_mask[:, :c], deepstack)
-        x = torch.where((think_counts > t)[:, None], last[:, -1], embeds[:, c])
-        latent_inputs.append(x)
-        embeds = torch.cat([embeds[:, :c], x[:, None], embeds[:, c + 1:]], 1)
-    hidden, last = backbone.run_language_model(embeds, attention_mask, position_ids, None, vis_mask, deepstack)
-    out = BackboneOutput(hidden, last, latent_inputs=torch.stack(latent_inputs, 1) if latent_inputs else None,
-                         path="reference", n_passes=n_latent + 1)
-    if labels is not None:
-        out.vlm_loss = causal_lm_loss(backbone.vlm.lm_head, last, labels)
-    if return_logits:
-        out.logits = backbone.vlm.lm_head(last)
-    return out
-
-# %% ../nbs/08_backbone.ipynb #1aef707d
-def compare_latent_to_reference(backbone: QwenVLBackbone, batch: dict, atol: float = 1e-10) -> dict[str, float]:
-    "Max abs differences (logits, latent inputs, hidden, loss, grads) between the KV-cache forward and the reference."
-    params = [p for p in backbone.parameters() if p.requires_grad]
-    real = batch["attention_mask"].bool()
-    res = {}
-    outs, grads = [], []
-    for fn in (backbone.forward, lambda **b: reference_latent_forward(backbone, **b)):
-        kw = {k: v for k, v in batch.items() if k not in ("stage", "meta")}
-        o = fn(**kw, return_logits=True)
-        # gradients of the loss plus a function of every real hidden state (what the action head reads); padding
-        # rows are excluded: their values are unspecified (a fully masked query) and never read downstream
-        g = torch.autograd.grad(o.vlm_loss + o.hidden_states[real].pow(2).mean(), params, allow_unused=True)
-        outs.append(o)
-        grads.append(g)
-    a, b = outs
-    res["logits"] = (a.logits - b.logits)[real].abs().max().item()
-    res["hidden"] = (a.hidden_states - b.hidden_states)[real].abs().max().item()
-    res["latent_inputs"] = (a.latent_inputs - b.latent_inputs).abs().max().item()
-    res["loss"] = (a.vlm_loss - b.vlm_loss).abs().item()
-    res["grads"] = max((ga - gb).abs().max().item() for ga, gb in zip(*grads) if ga is not None)
-    missing = [i for i, (ga, gb) in enumerate(zip(*grads)) if (ga is None) != (gb is None)]
-    if missing:
-        raise AssertionError(f"gradient present in one path only for {len(missing)} parameters")
-    res["passes"] = a.n_passes
-    return res
-
-# %% ../nbs/08_backbone.ipynb #18ac1aa2
-@contextmanager
-def float64_rmsnorm():
-    "Within the block, Qwen3-VL text RMSNorm computes in its input dtype (float64 tests) instead of float32."
-    from transformers.models.qwen3_vl import modeling_qwen3_vl as mq
-    original = mq.Qwen3VLTextRMSNorm.forward
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    mq.Qwen3VLTextRMSNorm.forward = forward
-    try:
-        yield
-    finally:
-        mq.Qwen3VLTextRMSNorm.forward = original

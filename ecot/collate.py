@@ -8,7 +8,7 @@ Docs: https://ecot-dev.github.io/ecot/collate.html.md"""
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -19,8 +19,71 @@ from .config import TAGS
 from .render import THINKING_TOKENS, ThinkingTokens, check_stage, check_think_counts, describe, render_reasoning
 
 # %% auto #0
-__all__ = ['BATCH_KEYS', 'SAMPLE_KEYS', 'TOY_REASONING', 'ROLES', 'mrope_position_ids', 'ECoTCollator', 'check_samples',
-           'stack_robot_data', 'stack_states', 'stack_eos', 'toy_sample', 'token_roles', 'masked_share']
+__all__ = ['BATCH_TENSORS', 'BATCH_KEYS', 'SAMPLE_KEYS', 'TOY_REASONING', 'ROLES', 'Batch', 'PromptBatch', 'TensorSpec',
+           'mrope_position_ids', 'ECoTCollator', 'check_samples', 'stack_robot_data', 'stack_states', 'stack_eos',
+           'toy_sample', 'check_batch', 'token_roles', 'masked_share']
+
+# %% ../nbs/07_collate.ipynb #776c1455
+class _BatchRequired(TypedDict):
+    input_ids: torch.Tensor          # (B, L) int64: token ids; padding holds the tokenizer's pad id
+    attention_mask: torch.Tensor     # (B, L) int64: 1 on real tokens, 0 on padding
+    labels: torch.Tensor             # (B, L) int64: the id on supervised reasoning text and <|im_end|>, -100 elsewhere
+    pixel_values: torch.Tensor       # (N, D) float32: the patches of every image, image after image
+    image_grid_thw: torch.Tensor     # (I, 3) int64: (t, h, w) patch grid of each image; N = sum of t·h·w
+    mm_token_type_ids: torch.Tensor  # (B, L) int32: 1 on image tokens, 0 elsewhere
+    position_ids: torch.Tensor       # (3, B, L) int64: M-RoPE (temporal, height, width) positions; 0 on padding
+    think_start: Optional[int]       # column of the first <|thinking|> in every row; None: stage 0 or no thinking token
+    think_counts: torch.Tensor       # (B,) int64: thinking tokens of each row (0 at stage 0)
+    stage: int                       # the curriculum stage the rows were rendered for (0: all reasoning as text)
+    actions: torch.Tensor            # (B, T, A) float32: the normalised action chunk
+    action_mask: torch.Tensor        # (B, T) bool: the action steps that count in the loss
+    states: Optional[torch.Tensor]   # (B, S) float32: the normalised robot state; None when no sample has one
+    meta: list[dict]                 # B dicts: each sample's meta (dataset, file_path, episode_id, step) + truncated_tokens
+
+
+class Batch(_BatchRequired, total=False):
+    "The collator's batch, what `ECoTPolicy.forward` reads; `eos`/`eos_mask` only when a sample carries EOS labels."
+    eos: torch.Tensor                # (B, T) float32: 1 at an action step that ends a substep, else 0
+    eos_mask: torch.Tensor           # (B, T) bool: the known EOS labels (a sample without labels: all False)
+
+
+class PromptBatch(TypedDict):
+    "What `ECoTCollator.prompts` gives the inference path (`ECoTPolicy.act_on`, `ecot.inference.Reasoner`)."
+    input_ids: torch.Tensor          # (B, L) int64: prompt (+ <|start_of_thinking|> at stage >= 1), left-padded
+    attention_mask: torch.Tensor     # (B, L) int64: 1 on real tokens, 0 on padding
+    mm_token_type_ids: torch.Tensor  # (B, L) int32: 1 on image tokens
+    position_ids: torch.Tensor       # (3, B, L) int64: M-RoPE positions of the prompt; 0 on padding
+    pixel_values: torch.Tensor       # (N, D) float32
+    image_grid_thw: torch.Tensor     # (I, 3) int64
+    states: Optional[torch.Tensor]   # (B, S) float32 or None
+    stage: int                       # the stage the policy acts at
+    text_ids: list[list[int]]        # B lists: the tokens training supervises after the thinking span (teacher forcing)
+    meta: list[dict]                 # B dicts: each sample's meta
+
+
+class TensorSpec(NamedTuple):
+    "Shape (ints, or letters whose size is read once per batch) and dtype of one tensor of a batch."
+    shape: tuple
+    dtype: torch.dtype
+    nullable: bool = False  # None is allowed in its place
+
+
+BATCH_TENSORS = {  # the tensor keys of `Batch` and `PromptBatch`, as the comments above say
+    "input_ids": TensorSpec(("B", "L"), torch.long),
+    "attention_mask": TensorSpec(("B", "L"), torch.long),
+    "labels": TensorSpec(("B", "L"), torch.long),
+    "pixel_values": TensorSpec(("N", "D"), torch.float32),
+    "image_grid_thw": TensorSpec(("I", 3), torch.long),
+    "mm_token_type_ids": TensorSpec(("B", "L"), torch.int32),
+    "position_ids": TensorSpec((3, "B", "L"), torch.long),
+    "think_counts": TensorSpec(("B",), torch.long),
+    "actions": TensorSpec(("B", "T", "A"), torch.float32),
+    "action_mask": TensorSpec(("B", "T"), torch.bool),
+    "states": TensorSpec(("B", "S"), torch.float32, nullable=True),
+    "eos": TensorSpec(("B", "T"), torch.float32),
+    "eos_mask": TensorSpec(("B", "T"), torch.bool),
+}
+BATCH_KEYS = tuple(k for k in Batch.__annotations__ if k in Batch.__required_keys__)
 
 # %% ../nbs/07_collate.ipynb #ced0a0df
 class _RopeIndexHost:
@@ -41,7 +104,7 @@ def mrope_position_ids(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
 
 # %% ../nbs/07_collate.ipynb #94a10c9d
 class ECoTCollator:
-    "Samples -> the policy batch (BATCH.md): chat prompt + images, stage-rendered reasoning, masked labels, aligned padding."
+    "Samples -> the policy `Batch`: chat prompt + images, stage-rendered reasoning, masked labels, aligned padding."
 
     def __init__(self, processor, stage: int = 0, thinking_token_count: int = 2,
                  tag2think_count: Optional[Mapping[str, int]] = None, model_max_length: int = 1024,
@@ -94,7 +157,7 @@ class ECoTCollator:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return system + [{"role": "user", "content": user}]
 
-    def __call__(self, samples: Sequence[Mapping]) -> dict[str, Any]:
+    def __call__(self, samples: Sequence[Mapping]) -> Batch:
         check_samples(samples)
         prompts, pixel_values, grid, prompt_mm = self._encode_prompts(samples)
         rows, labels, mm_rows, anchors, counts, metas = [], [], [], [], [], []
@@ -116,7 +179,7 @@ class ECoTCollator:
         eos = stack_eos(samples, batch["actions"].shape[1])
         return {**{k: batch[k] for k in BATCH_KEYS}, **eos}
 
-    def prompts(self, samples: Sequence[Mapping], pad_to_multiple_of: int = 1) -> dict[str, Any]:
+    def prompts(self, samples: Sequence[Mapping], pad_to_multiple_of: int = 1) -> PromptBatch:
         """The inference side of `__call__`: each prompt (plus `<|start_of_thinking|>` at stage >= 1) left-padded
         so that every row ends in the last column (the width a multiple of `pad_to_multiple_of`), and
         `text_ids`: the tokens training supervises after the thinking span (the rendered reasoning text and
@@ -183,8 +246,6 @@ class ECoTCollator:
         return dict(input_ids=ids, attention_mask=mask, labels=lab, mm_token_type_ids=mm)
 
 # %% ../nbs/07_collate.ipynb #95a36fa0
-BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids",
-              "position_ids", "think_start", "think_counts", "stage", "actions", "action_mask", "states", "meta")
 SAMPLE_KEYS = ("image", "lang", "reasoning", "action")
 
 
@@ -260,6 +321,81 @@ TOY_REASONING = {"TASK": "pick up the red cup", "PLAN": "reach the cup, grasp th
                  "VISIBLE OBJECTS": "red cup [1, 2, 30, 40]", "SUBTASK REASONING": "the cup must be reached first",
                  "SUBTASK": "reach the cup", "MOVE REASONING": "the cup is to the left", "MOVE": "move left",
                  "GRIPPER POSITION": "[10, 20, 12, 22]"}
+
+# %% ../nbs/07_collate.ipynb #87b55fa2
+def _shape_str(shape) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _check_tensor(key: str, x, spec: TensorSpec, dims: dict, name: str) -> None:
+    "Check one tensor's type, dtype and shape; bind the letters of its shape in `dims` (letter -> (size, key))."
+    if x is None and spec.nullable:
+        return
+    want = f"a {spec.dtype} tensor of shape {_shape_str(spec.shape)}" + (" or None" if spec.nullable else "")
+    if not torch.is_tensor(x):
+        raise TypeError(f"batch[{key!r}] is a {type(x).__name__}: expected {want} ({name})")
+    if x.dtype != spec.dtype:
+        raise TypeError(f"batch[{key!r}] has dtype {x.dtype}: expected {spec.dtype} ({name})")
+    if x.dim() != len(spec.shape):
+        raise ValueError(f"batch[{key!r}] has shape {tuple(x.shape)}: expected {_shape_str(spec.shape)} ({name})")
+    for d, n in zip(spec.shape, x.shape):
+        if isinstance(d, str) and d not in dims:
+            dims[d] = (n, key)
+    sizes = tuple(dims[d][0] if isinstance(d, str) else d for d in spec.shape)
+    if tuple(x.shape) != sizes:
+        bad = [d for d, n, s in zip(spec.shape, x.shape, sizes) if n != s and isinstance(d, str)]
+        why = "; ".join(f"{d} = {dims[d][0]} from batch[{dims[d][1]!r}]" for d in bad)
+        raise ValueError(f"batch[{key!r}] has shape {tuple(x.shape)}: expected {_shape_str(spec.shape)} = {sizes}"
+                         + (f" ({why})" if why else "") + f" ({name})")
+
+
+def _is_int(x) -> bool: return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_batch(batch: Mapping[str, Any], contract: type = Batch) -> None:
+    """Check `batch` against `contract` (`Batch`, or `PromptBatch` for `ECoTCollator.prompts`): keys, dtypes, shapes
+    and the sizes they share. Raises KeyError, TypeError or ValueError naming the key, the found and the expected."""
+    name = f"ecot.collate.{contract.__name__}"
+    keys = tuple(contract.__annotations__)
+    missing = [k for k in keys if k in contract.__required_keys__ and k not in batch]
+    if missing:
+        optional = [k for k in keys if k in contract.__optional_keys__]
+        raise KeyError(f"batch lacks {missing}: expected the keys of {name} {keys}"
+                       + (f" ({', '.join(optional)} optional)" if optional else ""))
+    unknown = [k for k in batch if k not in keys]
+    if unknown:
+        raise KeyError(f"batch has keys outside {name}: {unknown} (expected {keys})")
+    if ("eos" in batch) != ("eos_mask" in batch):
+        has, lacks = ("eos", "eos_mask") if "eos" in batch else ("eos_mask", "eos")
+        raise KeyError(f"batch has {has!r} but no {lacks!r}: the EOS labels come as a pair ({name})")
+    dims: dict[str, tuple[int, str]] = {}
+    for k in keys:
+        if k in BATCH_TENSORS and k in batch:
+            _check_tensor(k, batch[k], BATCH_TENSORS[k], dims, name)
+    B, L = dims["B"][0], dims["L"][0]
+    n_patches = int(batch["image_grid_thw"].prod(-1).sum())
+    if batch["pixel_values"].shape[0] != n_patches:
+        raise ValueError(f"batch['pixel_values'] has {batch['pixel_values'].shape[0]} rows: expected N = {n_patches}, "
+                         f"one per patch of batch['image_grid_thw'] (sum of t·h·w) ({name})")
+    stage = batch["stage"]
+    if not _is_int(stage) or stage < 0:
+        raise TypeError(f"batch['stage'] is {stage!r} ({type(stage).__name__}): expected an int >= 0 ({name})")
+    if "think_start" in keys:
+        ts, counts = batch["think_start"], batch["think_counts"]
+        if ts is not None and (not _is_int(ts) or not 0 <= ts < L):
+            raise ValueError(f"batch['think_start'] is {ts!r}: expected None or a column in [0, L = {L}) ({name})")
+        if (counts < 0).any() or (stage == 0 and counts.any()):
+            raise ValueError(f"batch['think_counts'] is {counts.tolist()}: expected counts >= 0, all 0 at stage 0 ({name})")
+        if (ts is None) != (stage == 0 or not counts.any()):
+            raise ValueError(f"batch['think_start'] is {ts!r} at stage {stage} with think_counts {counts.tolist()}: "
+                             f"expected a column exactly when the batch is at stage >= 1 and has thinking tokens ({name})")
+    for k in ("meta", "text_ids"):
+        if k in keys and (not isinstance(batch[k], (list, tuple)) or len(batch[k]) != B):
+            found = f"a {type(batch[k]).__name__}" + (f" of {len(batch[k])}" if hasattr(batch[k], "__len__") else "")
+            raise ValueError(f"batch[{k!r}] is {found}: expected a list of B = {B} entries, one per row ({name})")
+    if not all(isinstance(m, Mapping) for m in batch["meta"]):
+        raise TypeError(f"batch['meta'] holds {sorted({type(m).__name__ for m in batch['meta']})}: "
+                        f"expected one dict per row ({name})")
 
 # %% ../nbs/07_collate.ipynb #89708541
 ROLES = ("pad", "prompt", "image", "thinking", "supervised")

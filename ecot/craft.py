@@ -8,6 +8,7 @@ Docs: https://ecot-dev.github.io/ecot/craft.html.md"""
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -16,9 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .hooks import TrainerHook
+
 # %% auto #0
 __all__ = ['project_gradients', 'DualVariable', 'FrozenReference', 'retention_loss', 'masked_mean', 'PolicyRetentionFeatures',
-           'CRaFT']
+           'CRaFT', 'CRaFTHook']
 
 # %% ../nbs/15_craft.ipynb #77c1a7f9
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -197,3 +200,58 @@ class CRaFT:
 
     def load_state_dict(self, s: dict):
         self.dual.load_state_dict(s["dual"])
+
+# %% ../nbs/15_craft.ipynb #33932b6c
+class CRaFTHook(TrainerHook):
+    "CRaFT's part in the training loop, from a `trainer.craft` config section (`features(model)`: retention features)."
+    shown = ("lambda", "conflict_ratio")
+
+    def __init__(self, cfg, features: Optional[Callable[[nn.Module], nn.Module]] = None, prefix: str = "policy."):
+        self.cfg, self.prefix, self.make_features = cfg, prefix, features
+        self.craft = self.theta0 = self.features = None
+        self.syncs_gradients = cfg.enable and not cfg.measure_only  # CRaFT.apply all-reduces its buffers
+
+    def setup(self, model: nn.Module):
+        "θ0 snapshot and retention features of `model`; the dual variable and gradient buffers unless `measure_only`."
+        c = self.cfg
+        self.features = (self.make_features(model) if self.make_features is not None
+                         else PolicyRetentionFeatures(model, c.vision_layer, c.text_layer))
+        self.theta0 = FrozenReference(model, prefix=self.prefix)  # `prefix`: where `model` sits in `features`
+        if c.measure_only:
+            return
+        dual = DualVariable(c.dual_lr, c.epsilon, c.lambda_init, c.lambda_max, c.epsilon_final, c.epsilon_anneal_steps)
+        self.craft = CRaFT(model.parameters(), dual, c.granularity, c.conflict_threshold, c.delta)
+
+    def retention_loss(self, batch: dict) -> torch.Tensor:
+        "MSE between pooled features of the current model and of θ0 on the same batch."
+        return retention_loss(self.features(batch), self.theta0(self.features, batch))
+
+    def before_backward(self, batch: dict, out: dict) -> list[torch.Tensor]:
+        with nullcontext() if self.craft else torch.no_grad():
+            out["retention_loss"] = self.retention_loss(batch)
+        return [out["retention_loss"]] if self.craft else []
+
+    def backward(self, loss, out, scale, backward) -> bool:
+        if self.craft is None:
+            return False
+        self.craft.backward(loss, out["retention_loss"], scale, backward=backward)
+        return True
+
+    def after_backward(self) -> dict[str, float]:
+        "Project the accumulated action gradient, add λ·g_ret, step λ; the statistics (the retention loss is logged already)."
+        if self.craft is None:
+            return {}
+        return {k: v for k, v in self.craft.apply().items() if k != "retention_loss"}
+
+    def skip(self):
+        if self.craft is not None:
+            self.craft.reset()
+
+    def state_dict(self) -> dict:
+        return {"craft_theta0": self.theta0.state_dict(), **({"craft": self.craft.state_dict()} if self.craft else {})}
+
+    def load_state_dict(self, extras: dict):
+        if "craft_theta0" in extras:
+            self.theta0.load_state_dict(extras["craft_theta0"])
+        if self.craft is not None and "craft" in extras:
+            self.craft.load_state_dict(extras["craft"])

@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hooks import TrainerHook
+
 # %% auto #0
 __all__ = ['substep_ends_from_subtasks', 'eos_step_labels', 'eos_chunk_labels', 'load_substep_labels', 'fill_subtask_gaps',
-           'eos_labels_from_subtasks', 'EOSLabeler', 'EOSHead', 'EOSBufferManager', 'focal_loss', 'eos_counts',
-           'eos_scores', 'eos_metrics', 'EOSObjective']
+           'eos_labels_from_subtasks', 'EOSLabeler', 'EOSHead', 'EOSBufferManager', 'EOSHook', 'focal_loss',
+           'eos_counts', 'eos_scores', 'eos_metrics', 'EOSObjective']
 
 # %% ../nbs/14_eos.ipynb #afe70b73
 def substep_ends_from_subtasks(subtasks: list[Optional[str]]) -> list[int]:
@@ -208,6 +210,22 @@ class EOSBufferManager:
         for c in (0, 1):
             self.buffers[c] = deque(s["buffers"][c], maxlen=self.capacity)
         self.generator.set_state(s["generator"].cpu())  # checkpoints may be loaded onto the GPU
+
+# %% ../nbs/14_eos.ipynb #da24b301
+class EOSHook(TrainerHook):
+    "The EOS head's part in the training loop: its buffer (None: no buffer loss) checkpointed as `eos_buffer`."
+    unused_parameters = True  # no gradient into the head while the buffer fills
+    shown = ("eos_f1",)
+
+    def __init__(self, buffer: Optional[EOSBufferManager]):
+        self.buffer = buffer
+
+    def state_dict(self) -> dict:
+        return {} if self.buffer is None else {"eos_buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, extras: dict):
+        if self.buffer is not None and "eos_buffer" in extras:
+            self.buffer.load_state_dict(extras["eos_buffer"])
 
 # %% ../nbs/14_eos.ipynb #2b3256e7
 def focal_loss(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:

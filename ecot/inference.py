@@ -21,10 +21,10 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb,
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
 from .backbone import QwenVLBackbone
-from .collate import ECoTCollator
+from .collate import ECoTCollator, PromptBatch
 from .config import TAGS
 from .render import TAG_SEPARATOR, THINKING_TOKENS, check_stage, thinking_count
-from .tfds_reader import normalize_bounds_q99, resize_like_tf
+from .transforms import normalize_bounds_q99, resize_image
 
 # %% auto #0
 __all__ = ['ActingSpec', 'json_ready', 'dataset_statistics_of', 'action_statistics', 'unnormalize_actions', 'observation_sample',
@@ -131,9 +131,8 @@ def _view(image, i: int, size: Optional[tuple[int, int]]) -> Image.Image:
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"image view {i}: {arr.dtype} array of shape {arr.shape}: expected uint8 (H, W, 3) "
                          "(an RGB camera frame, or a PIL image)")
-    if size is not None and arr.shape[:2] != tuple(size):  # decode_and_resize + rounding of the reader
-        resized = resize_like_tf(arr.astype(np.float32) * np.float32(1.0 / 255), size)
-        arr = np.round(np.clip(resized, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+    if size is not None:  # the reader's resize (ecot.transforms.decode_and_resize): as in training
+        arr = resize_image(arr, size)
     return Image.fromarray(arr)
 
 
@@ -324,7 +323,7 @@ def decode_layer(layer, x, cos, sin, k_cache, v_cache, col, key_mask, fused):
 class ColumnState:
     "Static buffers of one decoding shape and the one-column step over them (see the prose)."
 
-    def __init__(self, backbone: QwenVLBackbone, batch: Mapping, N: int, noise_shape: Optional[tuple[int, int]] = None,
+    def __init__(self, backbone: QwenVLBackbone, batch: PromptBatch, N: int, noise_shape: Optional[tuple[int, int]] = None,
                  fused: Optional[FusedProjections] = None):
         "Buffers for prompt batches shaped like `batch` (from `ECoTCollator.prompts`) and N generated columns."
         cfg, vlm = backbone.vlm.config.text_config, backbone.vlm
@@ -358,7 +357,7 @@ class ColumnState:
         self.layer_fn = compiled(decode_layer) if self.compiled else decode_layer
         self.fused = fused or FusedProjections(backbone.language_model.layers)
 
-    def set_inputs(self, batch: Mapping):
+    def set_inputs(self, batch: PromptBatch):
         "Copy a prompt batch of this state's shape into the input buffers."
         for name in ("input_ids", "attention_mask", "position_ids", "pixel_values", "states"):
             if getattr(self, name) is not None:
@@ -498,7 +497,7 @@ class Reasoner:
         return self._states[key]
 
     @torch.no_grad()
-    def __call__(self, batch: Mapping, n_thinking: int, max_new_tokens: int, noise: torch.Tensor,
+    def __call__(self, batch: PromptBatch, n_thinking: int, max_new_tokens: int, noise: torch.Tensor,
                  num_steps: Optional[int] = None, decode: bool = True,
                  forced: Optional[Sequence[Sequence[int]]] = None) -> Reasoned:
         dev = next(self.backbone.parameters()).device

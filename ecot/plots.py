@@ -16,7 +16,7 @@ import matplotlib
 import matplotlib.ticker
 import numpy as np
 
-from .trainer import read_metrics
+from .metrics import read_metrics
 
 # %% auto #0
 __all__ = ['PAPER_RC', 'LABELS', 'FIGURES', 'LOG_SCALE', 'paper_style', 'ema', 'load_runs', 'series', 'save_figure',

@@ -18,7 +18,7 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,15 +28,16 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .config import Config, save_config
-from .craft import CRaFT, DualVariable, FrozenReference, PolicyRetentionFeatures, retention_loss
+from .config import REMOVED_KEYS, Config, save_config
+from .hooks import TrainerHook
+from .metrics import MetricsWindow, read_metrics, scalars
 from .policy import fsync_tree
 
 # %% auto #0
 __all__ = ['STATE_FILE', 'COMPLETE', 'SAFE_ON_RESUME', 'make_optimizer', 'make_scheduler', 'seed_everything', 'rng_state',
            'set_rng_state', 'write_atomic', 'write_json', 'check_run_dir', 'clear_run_dir', 'resume_changes',
            'checkpoints', 'latest_checkpoint', 'resolve_checkpoint', 'delete_checkpoint', 'clean_stale',
-           'MetricsLogger', 'read_metrics', 'NonFiniteLossError', 'NonFiniteWeightsError', 'Prefetcher', 'Trainer']
+           'MetricsLogger', 'NonFiniteLossError', 'NonFiniteWeightsError', 'Prefetcher', 'Trainer']
 
 # %% ../nbs/12_trainer.ipynb #cdb575ca
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -145,13 +146,16 @@ def _flat(d: Mapping, prefix: str = "") -> dict:
 def resume_changes(saved: Mapping, cfg: Config, step: int) -> list[str]:
     """Check a resume's config against the checkpoint's (`saved`, its config.yaml as a dict): refuse changes that
     would make the resumed run a different run, naming each (old -> new); return what the allowed ones do."""
-    old, new = _flat(saved), _flat(cfg.to_dict())
+    old, new, default = _flat(saved), _flat(cfg.to_dict()), _flat(Config().to_dict())
     refused, notes = [], []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if a == b:
+        if a == b or (key in REMOVED_KEYS and b == "<absent>"):  # a removed key selected nothing
             continue
         change = f"{key}: {a!r} -> {b!r}"
+        if a == "<absent>" and key in default and b == default[key]:  # a key added since, at its default
+            notes.append(f"{key}: {b!r} (a key added since the checkpoint, at its default)")
+            continue
         if key == "trainer.max_train_steps" and cfg.trainer.lr_scheduler_type in ("constant",):
             notes.append(f"{change}: trains on to step {b} (a constant learning rate extends unchanged)")
         elif key == "trainer.max_train_steps":
@@ -257,12 +261,6 @@ class MetricsLogger:
             self.wandb.finish()
             self.wandb = None
 
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    "The records of a run's `metrics.jsonl`."
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
 # %% ../nbs/12_trainer.ipynb #82015b87
 class NonFiniteLossError(RuntimeError):
     "Raised after `max_consecutive_nonfinite` optimizer steps in a row had a non-finite loss or gradient."
@@ -274,17 +272,6 @@ class NonFiniteWeightsError(RuntimeError):
 
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _scalars(out: dict) -> dict[str, float]:
-    "Numeric scalar entries of a model output (tensors of one element, ints, floats)."
-    res = {}
-    for k, v in out.items():
-        if torch.is_tensor(v) and v.numel() == 1:
-            res[k] = float(v.detach().float())
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            res[k] = float(v)
-    return res
 
 
 class Prefetcher:
@@ -336,63 +323,57 @@ class Prefetcher:
         self.stopped.set()
         self.thread.join(timeout=30)
 
-
+# %% ../nbs/12_trainer.ipynb #d2fe3c28
 class Trainer:
     """Train `model` on batches made by `collate(samples)` from `loader_fn()` (a fresh iterable of sample lists).
 
-    `extras` are objects with `state_dict()`/`load_state_dict()` saved in every checkpoint (e.g. a dual variable).
+    `hooks` (`ecot.hooks.TrainerHook`: CRaFT, the EOS buffer, ...) take part in every step and checkpoint; the
+    trainer knows no algorithm beyond them. `extras` are other objects with `state_dict()`/`load_state_dict()` saved
+    in every checkpoint.
     `stage_fn(step)` gives the curriculum stage of an optimizer step; the collator's `stage` is set from it.
     `evaluator(trainer)` returns held-out `eval/` metrics (every process calls it); it runs every
-    `trainer.eval_interval` steps and at the last step."""
+    `trainer.eval_interval` steps and at the last step. `data_seek(epoch, batches)` makes the next `loader_fn()` pass
+    start after the first `batches` batches of epoch `epoch`: a resume then seeks to its data position (nothing
+    consumed is read again); without it, a resume replays the batches consumed."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, loader_fn: Callable[[], Iterable], collate: Callable,
                  run_dir: str | os.PathLike, stage_fn: Optional[Callable[[int], int]] = None,
                  dataset_statistics: Optional[dict] = None, extras: Optional[dict] = None,
                  accelerator: Optional[Accelerator] = None, progress: bool = True,
-                 evaluator: Optional[Callable[["Trainer"], dict]] = None):
+                 evaluator: Optional[Callable[["Trainer"], dict]] = None,
+                 data_seek: Optional[Callable[[int, int], None]] = None, hooks: Sequence[TrainerHook] = ()):
         self.cfg, self.loader_fn, self.collate, self.evaluator = cfg, loader_fn, collate, evaluator
+        self.data_seek = data_seek
         self.run_dir, self.ckpt_root = Path(run_dir), Path(run_dir) / "checkpoints"
         self.stage_fn = stage_fn or (lambda step: cfg.ecot.scheduled_stage)
-        self.stats, self.extras, self.progress = dataset_statistics, extras or {}, progress
+        self.stats, self.extras, self.progress, self.hooks = dataset_statistics, extras or {}, progress, list(hooks)
         mp = cfg.trainer.mixed_precision
         mp = ("bf16" if torch.cuda.is_available() else "no") if mp == "auto" else mp
-        # The EOS head gets no gradient while its buffer fills: DDP must then allow unused parameters.
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.framework.action_model.use_eos_classification)
+        # a hook may leave parameters without a gradient in a step (the EOS head while its buffer fills): DDP must allow it
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=any(h.unused_parameters for h in self.hooks))
         # cpu=True on GPU-less machines lets accelerate run several CPU processes (gloo) under torchrun
         self.acc = accelerator or Accelerator(mixed_precision=mp, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
         self.model = self.acc.prepare(model)
         self.optimizer = self.acc.prepare(make_optimizer(model, cfg))
         self.scheduler = make_scheduler(self.optimizer, cfg)
-        self._setup_craft(model)
+        for h in self.hooks:
+            h.setup(model)
+        self.extras_state()  # two hooks (or extras) saving under one name fail here, not at the first save
         self.step, self.batches_consumed, self.epoch, self.nonfinite_steps = 0, 0, 0, 0
-        self._batches_at_step = 0
+        self.epoch_batches = 0  # batches consumed in the current epoch: with `epoch`, the data cursor
+        self._batches_at_step = (0, 0, 0)
         self.stage, self.interrupted, self.wandb_id = self.stage_fn(0), False, None
         self.history: list[dict] = []  # training records, one per logging step
         self.evaluations: list[dict] = []  # held-out records (`evaluator`)
 
-    def _setup_craft(self, model):
-        "CRaFT (trainer.craft): θ0 snapshot, retention features, dual variable; saved with every checkpoint."
-        c = self.cfg.trainer.craft
-        self.craft = self.theta0 = self.ret_features = None
-        if not (c.enable or c.measure_only):
-            return
-        self.ret_features = PolicyRetentionFeatures(model, c.vision_layer, c.text_layer)
-        self.theta0 = FrozenReference(model, prefix="policy.")
-        self.extras.update(craft_theta0=self.theta0)
-        if c.measure_only:  # log the retention loss of a plain run, for comparison
-            return
-        dual = DualVariable(c.dual_lr, c.epsilon, c.lambda_init, c.lambda_max, c.epsilon_final, c.epsilon_anneal_steps)
-        self.craft = CRaFT(model.parameters(), dual, c.granularity, c.conflict_threshold, c.delta)
-        self.extras.update(craft=self.craft)
-
-    def _retention_loss(self, batch) -> torch.Tensor:
-        "MSE between pooled features of the current model and of θ0 on the same batch."
-        return retention_loss(self.ret_features(batch), self.theta0(self.ret_features, batch))
+    def hook(self, kind: type) -> Optional[TrainerHook]:
+        "The first of the trainer's hooks of type `kind` (None when it has none)."
+        return next((h for h in self.hooks if isinstance(h, kind)), None)
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"step": self.step, "stage": self.stage, "batches_consumed": self.batches_consumed,
-                "epoch": self.epoch, "nonfinite_steps": self.nonfinite_steps, "wandb_id": self.wandb_id,
+                "epoch": self.epoch, "epoch_batches": self.epoch_batches, "nonfinite_steps": self.nonfinite_steps, "wandb_id": self.wandb_id,
                 "world_size": self.acc.num_processes}
 
     def save_checkpoint(self) -> Path:
@@ -414,7 +395,7 @@ class Trainer:
             save_model(self.acc.unwrap_model(self.model), str(tmp / "model.safetensors"))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save({k: v.state_dict() for k, v in self.extras.items()}, tmp / "extras.pt")
+            torch.save(self.extras_state(), tmp / "extras.pt")
             save_config(self.cfg, tmp / "config.yaml")
             if self.stats is not None:
                 write_json(self.stats, tmp / "dataset_statistics.json")
@@ -434,25 +415,40 @@ class Trainer:
         self.acc.wait_for_everyone()
         return final
 
+    def extras_state(self) -> dict:
+        "What a checkpoint's `extras.pt` holds: each extra's `state_dict()` under its name, and the hooks' named entries."
+        state = {k: v.state_dict() for k, v in self.extras.items()}
+        for h in self.hooks:
+            entries = h.state_dict()
+            if set(entries) & set(state):
+                raise ValueError(f"{type(h).__name__} saves {sorted(set(entries) & set(state))} in extras.pt, which "
+                                 "another hook or an extra saves too: give each one name")
+            state.update(entries)
+        return state
+
     def load_checkpoint(self, ckpt: Path, restore_rng: bool = True):
-        "Restore weights, optimizer, scheduler, extras and counters from `ckpt` (RNG too unless told not to)."
-        load_model(self.acc.unwrap_model(self.model), str(ckpt / "model.safetensors"), device=str(self.acc.device))
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.acc.device, weights_only=False))
+        "Restore weights, optimizer, scheduler, extras, hooks and counters from `ckpt` (RNG too unless told not to)."
+        # accelerate's CPU processes are on "cpu:0", which safetensors and torch.load refuse: load to plain "cpu"
+        dev = torch.device("cpu") if self.acc.device.type == "cpu" else self.acc.device
+        load_model(self.acc.unwrap_model(self.model), str(ckpt / "model.safetensors"), device=str(dev))
+        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=dev, weights_only=False))
         self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-        extras = torch.load(ckpt / "extras.pt", map_location=self.acc.device, weights_only=False)
+        extras = torch.load(ckpt / "extras.pt", map_location=dev, weights_only=False)
         for k, v in self.extras.items():
             if k in extras:
                 v.load_state_dict(extras[k])
+        for h in self.hooks:
+            h.load_state_dict(extras)
         s = json.loads((ckpt / STATE_FILE).read_text())
         self.step, self.stage, self.batches_consumed = s["step"], s["stage"], s["batches_consumed"]
         self.epoch, self.nonfinite_steps, self.wandb_id = s["epoch"], s["nonfinite_steps"], s.get("wandb_id")
+        self.epoch_batches = s.get("epoch_batches")  # None in checkpoints from before the cursor: replayed
         if restore_rng:
             set_rng_state(torch.load(ckpt / f"rng_{self.acc.process_index}.pt", weights_only=False))
 
     # -- data ----------------------------------------------------------------------------------
-    def _batches(self):
-        "Endless (epoch, sample list) pairs; epochs restart the loader."
-        epoch = 0
+    def _batches(self, epoch: int = 0):
+        "Endless (epoch, sample list) pairs from epoch `epoch` on; epochs restart the loader."
         while True:
             for samples in self.loader_fn():
                 yield epoch, samples
@@ -502,9 +498,16 @@ class Trainer:
                 if acc.is_main_process:
                     print(f"resume: {note}")
             self.load_checkpoint(ckpt, restore_rng=False)
-        batches = self._batches()
-        for _ in range(self.batches_consumed):  # replay the data position...
-            self.epoch, _ = next(batches)
+        if ckpt is not None and self.data_seek is not None and self.epoch_batches is not None:
+            self.data_seek(self.epoch, self.epoch_batches)  # seek to the data position: nothing consumed is read
+            batches = self._batches(self.epoch)
+        else:
+            batches = self._batches()
+            epoch, epoch_batches = 0, 0
+            for _ in range(self.batches_consumed):  # replay the data position (no seek available)...
+                e, _ = next(batches)
+                epoch, epoch_batches = e, (epoch_batches + 1 if e == epoch else 1)
+            self.epoch, self.epoch_batches = epoch, epoch_batches
         if ckpt is not None:  # ...then restore RNG, so noise draws continue exactly
             set_rng_state(torch.load(ckpt / f"rng_{acc.process_index}.pt", weights_only=False))
         if acc.is_main_process:
@@ -547,7 +550,7 @@ class Trainer:
         weights are finite; one process only (a collective save could wait forever for a rank that died)."""
         if self.acc.num_processes > 1 or self.step == 0:
             return
-        self.batches_consumed = self._batches_at_step
+        self.batches_consumed, self.epoch, self.epoch_batches = self._batches_at_step
         try:
             path = self.save_checkpoint()
             print(f"{type(error).__name__} during step {self.step + 1}: emergency checkpoint of step {self.step} "
@@ -568,92 +571,123 @@ class Trainer:
             self.stage = stage
 
     def _loop(self, prefetch: Prefetcher, logger, stop_at: int):
-        cfg, acc, model = self.cfg, self.acc, self.model
-        accum, max_steps = cfg.trainer.gradient_accumulation_steps, cfg.trainer.max_train_steps
-        window: dict[str, list[float]] = {}
-        window_samples, window_start, consecutive_bad = 0, time.perf_counter(), 0
-        bar = tqdm(total=max_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=not (self.progress and acc.is_main_process))
+        "Optimizer steps until `stop_at`, `max_train_steps` or a signal, each: fetch, forward, backward, step, log, save."
+        max_steps = self.cfg.trainer.max_train_steps
+        self._window, self._consecutive_bad = MetricsWindow(), 0
+        self._bar = tqdm(total=max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                         disable=not (self.progress and self.acc.is_main_process))
         self._postfix: dict = {}  # what the bar shows: the last training and held-out figures
-        model.train()
+        self.model.train()
         while self.step < min(max_steps, stop_at) and not self.interrupted:
-            self._batches_at_step = self.batches_consumed  # where an emergency checkpoint resumes the data
+            # where an emergency checkpoint resumes the data
+            self._batches_at_step = (self.batches_consumed, self.epoch, self.epoch_batches)
             self._set_stage(logger)
-            data_time = model_time = 0.0
-            finite, outs = True, []
-            for micro in range(accum):
-                t0 = time.perf_counter()  # data time: how long this process waits for the next collated batch
-                self.epoch, samples, batch = prefetch.next()
-                self.batches_consumed += 1
-                if isinstance(batch, dict) and batch.get("stage", self.stage) != self.stage:
-                    batch = prefetch.collate_at(samples, self.stage)  # a skipped step shifted the schedule
-                batch = _to_device(batch, acc.device)
-                t1 = time.perf_counter()
-                # CRaFT all-reduces its own gradient buffers once per optimizer step, so DDP never syncs then
-                no_sync = micro < accum - 1 or self.craft is not None
-                sync = lambda: acc.no_sync(model) if no_sync else nullcontext()  # a fresh context per use
-                with sync(), acc.autocast():
-                    out = model(batch)
-                    if self.ret_features is not None:
-                        with nullcontext() if self.craft else torch.no_grad():
-                            out["retention_loss"] = self._retention_loss(batch)
-                loss = out["total_loss"] if "total_loss" in out else out["action_loss"]
-                ok = torch.isfinite(loss.detach()).float()
-                if self.craft:
-                    ok = ok * torch.isfinite(out["retention_loss"].detach()).float()
-                ok = acc.reduce(ok, reduction="mean") if acc.num_processes > 1 else ok
-                if ok.item() == 1.0:
-                    with sync():
-                        if self.craft:
-                            self.craft.backward(loss, out["retention_loss"], 1.0 / accum, backward=acc.backward)
-                        else:
-                            acc.backward(loss / accum)
-                else:
-                    finite = False
-                outs.append(_scalars(out))
-                window_samples += len(samples)
-                if acc.device.type == "cuda":
-                    torch.cuda.synchronize()
-                data_time += t1 - t0; model_time += time.perf_counter() - t1
-            grad_norm = None
-            if finite:
-                if self.craft:  # project the accumulated action gradient, add λ·g_ret, step λ
-                    outs.append({k: v for k, v in self.craft.apply().items() if k != "retention_loss"})
-                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clipping)
-            if grad_norm is None or not math.isfinite(float(grad_norm)):  # same on every rank: grads are reduced
-                consecutive_bad += 1
-                self._skip_step("loss" if grad_norm is None else "gradient", consecutive_bad, logger)
+            finite, outs, times = self._accumulate(prefetch)
+            stepped = self._optimizer_step(finite, outs, logger)
+            if stepped is None:  # skipped: non-finite loss or gradient
                 continue
-            consecutive_bad = 0
-            lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            bar.update(1)
-            for o in outs:
-                for k, v in o.items():
-                    window.setdefault(k, []).append(v)
-            for k, v in (("grad_norm", float(grad_norm)), ("learning_rate", lr), ("data_time", data_time),
-                         ("model_time", model_time)):
-                window.setdefault(k, []).append(v)
-            if self.step % cfg.trainer.logging_frequency == 0 or self.step == max_steps:
-                record = self._reduce(window, window_samples, time.perf_counter() - window_start)
-                if acc.is_main_process:
-                    logger.log(record)
-                    shown = ("total_loss", "action_loss", "vlm_loss", "lambda", "conflict_ratio", "grad_norm", "eos_f1")
-                    self._postfix.update({k: f"{record[k]:.3g}" for k in shown if k in record} | {"stage": self.stage})
-                    bar.set_postfix(self._postfix)
-                self.history.append(record)
-                window, window_samples, window_start = {}, 0, time.perf_counter()
-            if self.evaluator is not None and (self.step % cfg.trainer.eval_interval == 0 or self.step == max_steps):
-                self._evaluate(logger, bar)
-            if self.step % cfg.trainer.save_interval == 0 and self.step < max_steps:
-                self.save_checkpoint()
-        bar.close()
+            self._log(outs, {**stepped, **times}, logger)
+            self._evaluate_and_save(logger)
+        self._bar.close()
         path = self.save_checkpoint()
-        if self.interrupted and acc.is_main_process:
+        if self.interrupted and self.acc.is_main_process:
             print(f"interrupted at step {self.step}: checkpoint saved to {path}; resume with resume='latest'")
 
-    def _evaluate(self, logger, bar):
+    def _fetch(self, prefetch: Prefetcher) -> tuple[list, dict]:
+        "The next micro-batch (samples, batch collated at the current stage, on the device); advances the data cursor."
+        epoch, samples, batch = prefetch.next()
+        self.epoch_batches = self.epoch_batches + 1 if epoch == self.epoch else 1
+        self.epoch, self.batches_consumed = epoch, self.batches_consumed + 1
+        if isinstance(batch, dict) and batch.get("stage", self.stage) != self.stage:
+            batch = prefetch.collate_at(samples, self.stage)  # a skipped step shifted the schedule
+        return samples, _to_device(batch, self.acc.device)
+
+    def _forward(self, batch: dict, sync: Callable) -> tuple[dict, torch.Tensor, bool]:
+        """The model's outputs on `batch` (the hooks add theirs), the loss to train on, and whether it and the hooks'
+        losses are finite on every rank."""
+        acc = self.acc
+        with sync(), acc.autocast():
+            out = self.model(batch)
+            checked = [loss for h in self.hooks for loss in h.before_backward(batch, out)]
+        loss = out["total_loss"] if "total_loss" in out else out["action_loss"]
+        ok = torch.isfinite(loss.detach()).float()
+        for extra in checked:
+            ok = ok * torch.isfinite(extra.detach()).float()
+        ok = acc.reduce(ok, reduction="mean") if acc.num_processes > 1 else ok
+        return out, loss, ok.item() == 1.0
+
+    def _backward(self, loss: torch.Tensor, out: dict, sync: Callable):
+        "The micro-batch's backward, scaled by 1/accumulation: by a hook that runs its own (CRaFT), else here."
+        accum = self.cfg.trainer.gradient_accumulation_steps
+        with sync():
+            if not any(h.backward(loss, out, 1.0 / accum, self.acc.backward) for h in self.hooks):
+                self.acc.backward(loss / accum)
+
+    def _accumulate(self, prefetch: Prefetcher) -> tuple[bool, list[dict], dict]:
+        """Fetch, forward and backward of the step's micro-batches: (all finite, their metrics, data and model time).
+        A non-finite micro-batch gets no backward (the step will be skipped)."""
+        acc, accum = self.acc, self.cfg.trainer.gradient_accumulation_steps
+        own_sync = any(h.syncs_gradients for h in self.hooks)  # a hook all-reduces its own gradients: DDP never syncs
+        finite, outs, data_time, model_time = True, [], 0.0, 0.0
+        for micro in range(accum):
+            t0 = time.perf_counter()  # data time: how long this process waits for the next collated batch
+            samples, batch = self._fetch(prefetch)
+            t1 = time.perf_counter()
+            no_sync = micro < accum - 1 or own_sync
+            sync = lambda: acc.no_sync(self.model) if no_sync else nullcontext()  # a fresh context per use
+            out, loss, ok = self._forward(batch, sync)
+            if ok:
+                self._backward(loss, out, sync)
+            else:
+                finite = False
+            outs.append(scalars(out))
+            self._window.samples += len(samples)
+            if acc.device.type == "cuda":
+                torch.cuda.synchronize()
+            data_time += t1 - t0; model_time += time.perf_counter() - t1
+        return finite, outs, {"data_time": data_time, "model_time": model_time}
+
+    def _optimizer_step(self, finite: bool, outs: list[dict], logger) -> Optional[dict]:
+        """The hooks' gradient surgery (their metrics join `outs`), clip, optimizer and scheduler step: the step's grad
+        norm and learning rate; None, the step skipped, when the loss or the gradient is not finite."""
+        grad_norm = None
+        if finite:
+            outs.extend(h.after_backward() for h in self.hooks)
+            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.gradient_clipping)
+        if grad_norm is None or not math.isfinite(float(grad_norm)):  # same on every rank: grads are reduced
+            self._consecutive_bad += 1
+            self._skip_step("loss" if grad_norm is None else "gradient", self._consecutive_bad, logger)
+            return None
+        self._consecutive_bad = 0
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._bar.update(1)
+        return {"grad_norm": float(grad_norm), "learning_rate": lr}
+
+    def _log(self, outs: list[dict], own: dict, logger):
+        "Add the step's metrics to the window; at a logging step, write the window's record and start a new window."
+        for o in outs + [own]:
+            self._window.add(o)
+        if self.step % self.cfg.trainer.logging_frequency == 0 or self.step == self.cfg.trainer.max_train_steps:
+            record = self._reduce()
+            if self.acc.is_main_process:
+                logger.log(record)
+                shown = ("total_loss", "action_loss", "vlm_loss", *(k for h in self.hooks for k in h.shown), "grad_norm")
+                self._postfix.update({k: f"{record[k]:.3g}" for k in shown if k in record} | {"stage": self.stage})
+                self._bar.set_postfix(self._postfix)
+            self.history.append(record)
+            self._window = MetricsWindow()
+
+    def _evaluate_and_save(self, logger):
+        "Held-out metrics every `eval_interval` steps and at the last; a checkpoint every `save_interval` (the last: at the end)."
+        t = self.cfg.trainer
+        if self.evaluator is not None and (self.step % t.eval_interval == 0 or self.step == t.max_train_steps):
+            self._evaluate(logger)
+        if self.step % t.save_interval == 0 and self.step < t.max_train_steps:
+            self.save_checkpoint()
+
+    def _evaluate(self, logger):
         "Held-out metrics of this step: an `eval` event in the metrics (and W&B), on the progress bar, in `evaluations`."
         rec = {"step": self.step, "event": "eval", "stage": self.stage, **self.evaluator(self)}
         self.evaluations.append(rec)
@@ -661,15 +695,15 @@ class Trainer:
             logger.log(rec)
             self._postfix.update({f"val_{k.split('/', 1)[1]}": f"{rec[k]:.3g}"
                                   for k in ("eval/mse", "eval/mean_action_mse", "eval/eos_f1") if k in rec})
-            bar.set_postfix(self._postfix)
+            self._bar.set_postfix(self._postfix)
             tqdm.write(f"step {self.step} held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
                                                                   if k.startswith("eval/") and "/tag_" not in k))
 
     def _skip_step(self, what: str, consecutive: int, logger):
         "Drop the accumulated gradients of a step with a non-finite loss or gradient; log it; stop after too many."
         self.optimizer.zero_grad(set_to_none=True)
-        if self.craft:
-            self.craft.reset()
+        for h in self.hooks:
+            h.skip()
         self.nonfinite_steps += 1
         if self.acc.is_main_process:
             tqdm.write(f"step {self.step + 1}: non-finite {what}, step skipped ({self.nonfinite_steps} so far)")
@@ -681,21 +715,12 @@ class Trainer:
                 f"{consecutive} optimizer steps in a row had a non-finite loss or gradient (last at step {self.step + 1}); "
                 f"checkpoint of step {self.step} saved to {path}. Lower trainer.learning_rate.base or check the data.")
 
-    def _reduce(self, window: dict, n_samples: int, seconds: float) -> dict:
-        """Means over the window, averaged across ranks; `*_count` metrics summed over the window and the ranks
-        (the model's `derived_metrics(record)`, if it has one, turns them into rates); throughput over all ranks."""
-        keys = sorted(window)
-        counts = torch.tensor([k.endswith("_count") for k in keys], device=self.acc.device)
-        local = torch.tensor([sum(window[k]) / (1 if k.endswith("_count") else len(window[k])) for k in keys]
-                             + [n_samples], device=self.acc.device, dtype=torch.float64)
-        if self.acc.num_processes > 1:
-            local = self.acc.reduce(local, reduction="sum")
-            local[:-1] = torch.where(counts, local[:-1], local[:-1] / self.acc.num_processes)
-        rec = {"step": self.step, "stage": self.stage, "epoch": self.epoch}
-        rec.update({k: float(v) for k, v in zip(keys, local[:-1].tolist())})
-        derive = getattr(self.acc.unwrap_model(self.model), "derived_metrics", None)
-        if derive is not None:
-            rec.update(derive(rec))
-        rec["samples_per_s"] = float(local[-1]) / max(seconds, 1e-9)
+    def _reduce(self) -> dict:
+        """The window's record (`MetricsWindow.reduce`): means across ranks, `*_count` metrics summed (the model's
+        `derived_metrics(record)`, if it has one, turns them into rates), throughput over all ranks."""
+        acc = self.acc
+        reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
+        rec = self._window.reduce({"step": self.step, "stage": self.stage, "epoch": self.epoch}, acc.device, reduce_sum,
+                                  acc.num_processes, getattr(acc.unwrap_model(self.model), "derived_metrics", None))
         rec["nonfinite_steps"] = self.nonfinite_steps
         return rec

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ecot.config import (Config, ConfigError, check_paths, load_config, parse_config, project_root,
-                         save_config, with_stage)
+                         read_config_dict, save_config, with_stage)
 
 SHIPPED = sorted(p.stem for p in (project_root() / "configs").glob("*.yaml"))
 
@@ -22,7 +22,7 @@ def test_shipped_configs_validate_and_round_trip(name, tmp_path):
     assert again == cfg
     assert load_config(save_config(cfg, tmp_path / "c.yaml"), check_inputs=False) == cfg
     # every key of the file survives the typed round trip with the same value
-    raw = yaml.safe_load((project_root() / "configs" / f"{name}.yaml").read_text())
+    raw = read_config_dict(name)  # the file with its `base:` chain resolved
     dumped = cfg.to_dict()
 
     def same(a, b, path=""):
@@ -91,6 +91,8 @@ BAD = [  # (overrides, substrings the message must contain)
     (["framework.qwenvl.base_vlm=/no/weights"], ["framework.qwenvl.base_vlm = '/no/weights'", "does not exist"]),
     (["trainer.max_train_steps"], ["expected the form dotted.key=value"]),
     (["trainer=5"], ["trainer = 5"]),
+    (["framework.action_model.action_model_type=DiT"],
+     ["key 'framework.action_model.action_model_type' was removed", "delete the key"]),
     (["trainer.max_train_steps.x=1"], ["trainer.max_train_steps is a value, not a section"]),
 ]
 
@@ -150,3 +152,51 @@ def test_a_bad_schedule_step_is_reported_first_and_late_switches_warn():
     with pytest.warns(UserWarning, match=r"switches at steps \[500\].*never trained"):
         load_config("tiny", ["trainer.curriculum_learning.enable=true", "framework.enable_latent_reasoning=true",
                              "trainer.max_train_steps=10", "trainer.curriculum_learning.stage_schedule={0: 0, 500: 2}"])
+
+
+def test_stage_configs_extend_one_base():
+    "stage0 is tiny plus a longer run; stage2 is stage0 plus the curriculum: no copied sections."
+    tiny, s0, s2 = (load_config(n).to_dict() for n in ("tiny", "stage0", "stage2"))
+    assert yaml.safe_load((project_root() / "configs" / "stage0.yaml").read_text())["base"] == "tiny"
+    assert yaml.safe_load((project_root() / "configs" / "stage2.yaml").read_text())["base"] == "stage0"
+    assert s0["framework"] == tiny["framework"] and s0["datasets"] == tiny["datasets"]
+    assert (s0["run_id"], s0["trainer"]["max_train_steps"], s0["trainer"]["eval_samples"]) == ("stage0", 400, 64)
+    assert s2["framework"]["action_model"] == s0["framework"]["action_model"]
+    assert s2["datasets"]["vla_data"]["ecot"]["scheduled_stage"] == 2 and s2["framework"]["enable_latent_reasoning"]
+    assert load_config("stage2").trainer.curriculum_learning.stage_schedule == {0: 0, 100: 1, 200: 2}
+    s2["trainer"]["curriculum_learning"] = s0["trainer"]["curriculum_learning"]
+    assert {k: v for k, v in s2.items() if k not in ("run_id", "datasets", "framework")} == \
+        {k: v for k, v in s0.items() if k not in ("run_id", "datasets", "framework")}
+
+
+def test_base_inheritance_merges_nested_sections(tmp_path):
+    (tmp_path / "parent.yaml").write_text("base: tiny\nseed: 7\ntrainer:\n  craft: {enable: true, epsilon: 0.3}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\ntrainer:\n  craft: {epsilon: 0.2}\n  max_train_steps: 9\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.seed, cfg.trainer.max_train_steps) == (7, 9)
+    assert (cfg.trainer.craft.enable, cfg.trainer.craft.epsilon) == (True, 0.2)
+    assert cfg.trainer.learning_rate == load_config("tiny").trainer.learning_rate
+    saved = yaml.safe_load(save_config(cfg, tmp_path / "saved.yaml").read_text())
+    assert "base" not in saved and load_config(tmp_path / "saved.yaml") == cfg  # a saved config stands alone
+
+
+def test_base_inheritance_fails_clearly(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "a.yaml")
+    assert "comes back to it" in str(e.value) and "a.yaml -> " in str(e.value) and "b.yaml" in str(e.value)
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(ConfigError, match="self.yaml"):
+        load_config(tmp_path / "self.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "orphan.yaml")
+    assert "orphan.yaml" in str(e.value) and str(tmp_path / "missing.yaml") in str(e.value)
+    (tmp_path / "named.yaml").write_text("base: tinny\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "named.yaml")
+    assert "named.yaml" in str(e.value) and "no config named 'tinny'" in str(e.value)
+    (tmp_path / "bad.yaml").write_text("base: [tiny]\n")
+    with pytest.raises(ConfigError, match="bad.yaml: base = \\['tiny'\\]"):
+        load_config(tmp_path / "bad.yaml")

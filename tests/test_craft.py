@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from ecot.build import build_run
 from ecot.config import load_config, with_stage
-from ecot.craft import CRaFT, DualVariable, FrozenReference, PolicyRetentionFeatures, retention_loss
+from ecot.craft import CRaFT, CRaFTHook, DualVariable, FrozenReference, PolicyRetentionFeatures, retention_loss
 
 
 def _free_port() -> int:
@@ -80,6 +80,7 @@ def test_resume_restores_lambda_and_theta0(tmp_path):
                     FrozenReference(run.policy).theta0.items()}  # what a fresh start would snapshot
     resumed = run.trainer(tmp_path / "part", progress=False)
     hist = resumed.train(resume="latest")
+    resumed, full = resumed.hook(CRaFTHook), full.hook(CRaFTHook)  # CRaFT's part in the loop: a trainer hook
     assert resumed.craft.dual.lam == full.craft.dual.lam and full.craft.dual.lam > 0
     for k, v in full.theta0.theta0.items():
         assert torch.equal(resumed.theta0.theta0[k], v)  # the original θ0, not the resumed weights

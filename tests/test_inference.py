@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from ecot.action_head import FlowMatchingActionHead
-from ecot.backbone import QwenVLBackbone, build_qwen3vl, float64_rmsnorm
+from ecot.backbone import QwenVLBackbone, build_qwen3vl
 from ecot.collate import TOY_REASONING, toy_sample
 from ecot.inference import ActingSpec, Reasoner, teacher_forced_gap
 from ecot.render import THINKING_TOKENS
+from ecot.testing import float64_rmsnorm
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ecot.backbone import (QwenVLBackbone, build_qwen3vl, compare_latent_to_reference, float64_rmsnorm, toy_batch)
+from ecot.backbone import QwenVLBackbone, build_qwen3vl
+from ecot.testing import compare_latent_to_reference, float64_rmsnorm, loop_latent_forward, toy_batch
 from ecot.policy import ECoTPolicy
 
 
@@ -63,15 +64,15 @@ EXACT_CASES = {
 @pytest.mark.parametrize("impl", ["columns", "loop"])
 @pytest.mark.parametrize("case", list(EXACT_CASES))
 def test_latent_forward_equals_naive_reference(case, impl):
-    "KV-cache latent forward (both implementations) == full recompute per thinking column (float64)."
+    "KV-cache latent forward (and the Coconut-style loop of ecot.testing) == full recompute per column (float64)."
     spec = EXACT_CASES[case]
     bb = _float64_backbone(spec.get("hidden_layer", -1), spec.get("attn", "sdpa"), spec.get("dtype", torch.float64),
                            **spec.get("tiny", {}))
-    bb.latent_impl = impl
+    forward = {"columns": bb.forward, "loop": lambda **b: loop_latent_forward(bb, **b)}[impl]
     batch = _float64_batch(bb.vlm, **spec["batch"])
     t0 = time.perf_counter()
     with float64_rmsnorm():
-        diff = compare_latent_to_reference(bb, batch)
+        diff = compare_latent_to_reference(bb, batch, forward=forward)
     elapsed = time.perf_counter() - t0
     print(f"{case} ({impl}): {diff} in {elapsed:.2f}s")
     for k in ("logits", "hidden", "latent_inputs", "loss", "grads"):
