@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 
 from .eos import eos_scores
 from .inference import dataset_statistics_of
-from .tfds_reader import normalize_bounds_q99
+from .transforms import normalize_bounds_q99
 
 # %% auto #0
-__all__ = ['heldout_samples', 'mean_action', 'heldout_sums', 'heldout_metrics', 'evaluate_policy']
+__all__ = ['EOS_BINS', 'heldout_samples', 'mean_action', 'heldout_sums', 'heldout_metrics', 'evaluate_policy', 'eos_bin_counts',
+           'best_eos_threshold', 'calibrate_eos']
 
 # %% ../nbs/21_heldout.ipynb #9740bbd6
 def heldout_samples(dataset, n: int, stride: int = 1) -> list[dict]:
@@ -64,14 +65,14 @@ def heldout_sums(policy, samples: Sequence[Mapping], indices: Sequence[int], bat
         if "vlm_loss" in out:
             s["vlm_loss"] += float(out["vlm_loss"]) * len(chunk)
             s["vlm_samples"] += len(chunk)
-        act = policy.act_on(policy.prompt_batch(chunk), seed=[seed * 1_000_003 + k for k in idx])
-        pred = act["normalized_actions"].astype(np.float64)
+        act = policy.act_on(policy.prompt_batch(chunk), seed=[seed * 1_000_003 + k for k in idx], expected=True)
         true = np.stack([c["action"] for c in chunk]).astype(np.float64)
         real = np.stack([c["action_mask"] for c in chunk]).astype(bool)
-        err = (pred - true)[real]
         s["steps"] += real.sum()
-        s["abs_err"] += np.abs(err).sum() / true.shape[-1]
-        s["sq_err"] += np.square(err).sum() / true.shape[-1]
+        for key, name in (("normalized_actions", ""), ("expected_normalized_actions", "expected_")):
+            err = (act[key].astype(np.float64) - true)[real]
+            s[f"{name}abs_err"] += np.abs(err).sum() / true.shape[-1]
+            s[f"{name}sq_err"] += np.square(err).sum() / true.shape[-1]
         s["zero_sq_err"] += np.square(true[real]).mean(-1).sum()
         if mean is not None:
             s["mean_abs_err"] += np.abs(true[real] - mean).mean(-1).sum()
@@ -97,6 +98,8 @@ def heldout_metrics(sums: Mapping[str, float]) -> dict[str, float]:
     n, steps = max(sums.get("samples", 0.0), 1.0), max(sums.get("steps", 0.0), 1.0)
     m = {"samples": sums.get("samples", 0.0), "action_loss": sums["action_loss"] / n,
          "l1": sums["abs_err"] / steps, "mse": sums["sq_err"] / steps, "zero_mse": sums["zero_sq_err"] / steps}
+    if "expected_sq_err" in sums:
+        m.update(expected_l1=sums["expected_abs_err"] / steps, expected_mse=sums["expected_sq_err"] / steps)
     if "mean_sq_err" in sums:
         m.update(mean_action_l1=sums["mean_abs_err"] / steps, mean_action_mse=sums["mean_sq_err"] / steps)
     if sums.get("vlm_samples"):
@@ -117,15 +120,19 @@ def heldout_metrics(sums: Mapping[str, float]) -> dict[str, float]:
 def evaluate_policy(policy, samples: Sequence[Mapping], stage: Optional[int] = None, batch_size: int = 16,
                     seed: int = 0, retention: Optional[Callable] = None, rank: int = 0, world: int = 1,
                     reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                    progress: bool = False) -> dict[str, float]:
+                    progress: bool = False, calibration: Sequence[Mapping] = ()) -> dict[str, float]:
     """`eval/` metrics of `policy` on held-out `samples` at curriculum `stage` (default: the policy's acting stage).
     With several processes each evaluates `samples[rank::world]`; `reduce` sums a tensor over them (every rank
-    must call this, with the same samples)."""
+    must call this, with the same samples). With an EOS head and `calibration` frames (of the training split), the
+    head's threshold is first set to the one with the best F1 on them (`calibrate_eos`)."""
     t0 = time.perf_counter()
     spec, was_training = policy.acting, policy.training
     policy.acting = spec if stage is None else replace(spec, stage=int(stage))
     policy.eval()
     try:
+        calibrated = {}
+        if policy.eos is not None and len(calibration):
+            calibrated = calibrate_eos(policy, calibration, batch_size, seed, rank, world, reduce)
         idx = list(range(rank, len(samples), world))
         local = heldout_sums(policy, [samples[i] for i in idx], idx, batch_size, seed, retention, progress)
         keys = sorted(_keys(policy, samples, retention) | set(local))
@@ -136,14 +143,15 @@ def evaluate_policy(policy, samples: Sequence[Mapping], stage: Optional[int] = N
     if reduce is not None and world > 1:  # every rank sums the same keys, in the same order
         total = reduce(torch.tensor([local.get(k, 0.0) for k in keys], dtype=torch.float64, device=policy.device))
         local = {k: float(v) for k, v in zip(keys, total.tolist())}
-    out = heldout_metrics(local)
+    out = {**heldout_metrics(local), **calibrated}
     out["eval/seconds"] = time.perf_counter() - t0
     return out
 
 
 def _keys(policy, samples, retention) -> set[str]:
     "Every sum key any rank can produce for these samples (a rank with no tagged frame still sends zeros)."
-    keys = {"samples", "action_loss", "steps", "abs_err", "sq_err", "zero_sq_err", "vlm_loss", "vlm_samples"}
+    keys = {"samples", "action_loss", "steps", "abs_err", "sq_err", "zero_sq_err", "vlm_loss", "vlm_samples",
+            "expected_abs_err", "expected_sq_err"}
     keys |= {"mean_abs_err", "mean_sq_err"} if policy.dataset_statistics else set()
     keys |= {"retention_loss"} if retention is not None else set()
     keys |= {f"eos_{k}_count" for k in ("tp", "fp", "fn", "tn")} if policy.eos is not None else set()
@@ -151,3 +159,50 @@ def _keys(policy, samples, retention) -> set[str]:
         if any((s.get("reasoning") or {}).get(tag) for s in samples):
             keys |= {f"tag_total/{tag}", f"tag_correct/{tag}"}
     return keys
+
+# %% ../nbs/21_heldout.ipynb #7ac85b41
+EOS_BINS = 100  # threshold resolution of `calibrate_eos`
+
+
+def eos_bin_counts(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    "(2, EOS_BINS) counts of `probs` per bin: row 0 the negatives' (labels 0), row 1 the positives'."
+    counts = np.zeros((2, EOS_BINS))
+    bins = np.clip((np.asarray(probs, np.float64) * EOS_BINS).astype(int), 0, EOS_BINS - 1)
+    np.add.at(counts, (np.asarray(labels).astype(int), bins), 1)
+    return counts
+
+
+def best_eos_threshold(counts: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1): the bin edge whose rule `prob >= threshold` has the best F1 over `counts`; where a run of edges
+    ties (no frame scored between them), the middle of the first such run, not an edge next to a cluster of scores."""
+    neg, pos = np.asarray(counts, np.float64)
+    tp, fp = pos[::-1].cumsum()[::-1], neg[::-1].cumsum()[::-1]  # predicted "end" from bin k up
+    f1 = 2 * tp / np.maximum(2 * tp + fp + (pos.sum() - tp), 1.0)
+    first = last = int(np.argmax(f1))
+    while last + 1 < EOS_BINS and f1[last + 1] == f1[first]:
+        last += 1
+    return round((first + last) / 2) / EOS_BINS, float(f1[first])
+
+
+@torch.no_grad()
+def calibrate_eos(policy, samples: Sequence[Mapping], batch_size: int = 16, seed: int = 0, rank: int = 0,
+                  world: int = 1, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict[str, float]:
+    """Set `policy`'s EOS threshold to the best-F1 one on `samples` (training frames) through the inference path;
+    returns `eval/eos_threshold` and `eval/eos_calibration_f1`. Every rank must call it, with the same samples."""
+    counts = np.zeros((2, EOS_BINS))
+    for i in range(rank * batch_size, len(samples), world * batch_size):  # batches dealt round-robin to ranks
+        chunk = list(samples[i:i + batch_size])
+        if not all(c.get("eos") is not None for c in chunk):
+            continue
+        act = policy.act_on(policy.prompt_batch(chunk), seed=[seed * 1_000_003 + i + k for k in range(len(chunk))])
+        keep = np.stack([c["eos_mask"] for c in chunk]).astype(bool) & np.stack([c["action_mask"] for c in chunk]).astype(bool)
+        y = np.stack([c["eos"] for c in chunk]) > 0.5
+        counts += eos_bin_counts(act["eos_probs"][keep], y[keep])
+    if reduce is not None and world > 1:
+        counts = reduce(torch.tensor(counts, dtype=torch.float64, device=policy.device)).cpu().numpy()
+    if not counts[1].sum():  # no substep end among the frames: keep the threshold
+        return {}
+    threshold, f1 = best_eos_threshold(counts)
+    policy.eos.threshold = threshold
+    policy.hparams["eos_threshold"] = threshold  # saved with the policy
+    return {"eval/eos_threshold": threshold, "eval/eos_calibration_f1": f1}

@@ -22,6 +22,7 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from .action_head import FlowMatchingActionHead
 from .backbone import (TINY_VLM, QwenVLBackbone, build_qwen3vl, resolve_attn_implementation)
+from .collate import Batch, PromptBatch
 from .eos import EOSBufferManager, EOSObjective, eos_scores
 from .inference import (ActingSpec, Reasoner, action_statistics, dataset_statistics_of, observation_sample,
                             parse_reasoning, unnormalize_actions)
@@ -54,7 +55,7 @@ class ECoTPolicy(nn.Module):
                  eos_sample_positive: int = 15, eos_sample_negative: int = 20, eos_min_positive: int = 15,
                  eos_min_negative: int = 20, eos_hidden_dim: int = 1024, eos_dropout: float = 0.1,
                  lambda_eos: float = 2.0, eos_threshold: float = 0.5, eos_pos_weight: float = 10.0,
-                 eos_focal_alpha: float = 0.25, eos_focal_gamma: float = 2.0, eos_input: str = "clean"):
+                 eos_focal_alpha: float = 0.25, eos_focal_gamma: float = 2.0, eos_input: str = "predicted"):
         super().__init__()
         if eos_input not in ("predicted", "clean", "noisy"):
             raise ValueError(f"eos_input = {eos_input!r}: expected 'predicted' (action head at t = 1 on the chunk the "
@@ -117,7 +118,7 @@ class ECoTPolicy(nn.Module):
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def run_backbone(self, batch: dict, with_labels: bool):
+    def run_backbone(self, batch: Batch, with_labels: bool):
         "The VLM on a batch: latent path when the batch is at stage >= 1 and has thinking tokens."
         stage = int(batch.get("stage", 0))
         think_start = batch.get("think_start") if stage >= 1 else None
@@ -126,11 +127,12 @@ class ECoTPolicy(nn.Module):
                              batch.get("pixel_values"), batch.get("image_grid_thw"), labels=labels,
                              think_start=think_start, think_counts=batch.get("think_counts"))
 
-    def forward(self, batch: dict) -> dict[str, Any]:
+    def forward(self, batch: Batch) -> dict[str, Any]:
         "Losses on a collated batch: action_loss, vlm_loss (when computed), total_loss; plus path and n_passes."
         missing = [k for k in ("input_ids", "attention_mask", "position_ids", "actions") if k not in batch]
         if missing:
-            raise KeyError(f"batch lacks {missing}: expected the collator's batch (see BATCH.md)")
+            raise KeyError(f"batch lacks {missing}: expected the collator's batch, ecot.collate.Batch "
+                           "(ecot.collate.check_batch checks one in full)")
         batch = self._to_device(batch)
         vlm = self.run_backbone(batch, with_labels=self.compute_language_loss)
         act = self.action_head(vlm.hidden_states, batch["attention_mask"], batch["actions"], batch.get("action_mask"),
@@ -161,7 +163,7 @@ class ECoTPolicy(nn.Module):
         return self.action_head.velocity(actions.float(), t, vlm_hidden, attention_mask, states, return_hidden=True)[1]
 
     def eos_forward(self, vlm_hidden: torch.Tensor, action_hidden: torch.Tensor,
-                    batch: dict) -> tuple[Optional[torch.Tensor], dict]:
+                    batch: Batch) -> tuple[Optional[torch.Tensor], dict]:
         "EOS loss (None while the buffer fills or nothing is labelled) and metrics."
         if batch.get("eos") is None:
             return None, {"eos_ready": 0.0, "eos_labelled_steps": 0.0}
@@ -204,14 +206,16 @@ class ECoTPolicy(nn.Module):
                            unnorm_key, clip)
 
     @torch.no_grad()
-    def act_on(self, batch: Mapping, seed: int | Sequence[int] = 0, num_steps: Optional[int] = None,
+    def act_on(self, batch: PromptBatch, seed: int | Sequence[int] = 0, num_steps: Optional[int] = None,
                with_reasoning: bool = True, max_new_tokens: Optional[int] = None, unnorm_key: Optional[str] = None,
-               clip: bool = True) -> dict[str, Any]:
+               clip: bool = True, expected: bool = False) -> dict[str, Any]:
         """The inference path on a prompt batch (`prompt_batch` of samples as the dataset gives them: frames
-        transformed, state normalised); `predict_action`'s result. Held-out evaluation acts on dataset frames here."""
+        transformed, state normalised); `predict_action`'s result. Held-out evaluation acts on dataset frames here.
+        `expected`: also the policy's expected chunk (`expected_normalized_actions`), see below."""
         spec = self.acting
         B = batch["input_ids"].shape[0]
-        decode = with_reasoning and bool(spec.text_tags)
+        # a policy that never saw reasoning text (dropout 1) acts without it: the layout it was trained on
+        decode = with_reasoning and bool(spec.text_tags) and spec.reasoning_dropout_prob < 1.0
         if not with_reasoning and spec.text_tags and spec.reasoning_dropout_prob <= 0:
             raise ValueError(f"with_reasoning = False: this policy was trained at stage {spec.stage} with the text of "
                              f"{list(spec.text_tags)} in every row (reasoning_dropout_prob = 0); acting without it "
@@ -243,11 +247,16 @@ class ECoTPolicy(nn.Module):
                "path": "latent" if spec.stage else "single"}
         if "eos_probs" in r.outputs:
             out["eos_probs"] = r.outputs["eos_probs"].float().cpu().numpy()
+        if expected:  # one Euler step from t = 0 lands on E[a | obs]: flow matching fits v(x, 0) = E[a | obs] - x
+            states = batch.get("states")
+            states = None if states is None else states.to(r.hidden.device, r.hidden.dtype)
+            mean = self.action_head.predict_action(r.hidden, r.mask, states, 1, noise=noise.to(r.hidden.device))
+            out["expected_normalized_actions"] = mean.float().cpu().numpy()
         if r.timings:  # with policy.reasoner.timed: ms per phase
             out["timings"] = r.timings
         return out
 
-    def observation_batch(self, rows: Sequence[tuple], unnorm_key: Optional[str] = None) -> dict:
+    def observation_batch(self, rows: Sequence[tuple], unnorm_key: Optional[str] = None) -> PromptBatch:
         "(images, instruction, state) rows -> the prompt batch, each row transformed as the dataset did."
         if self.processor is None:
             raise ValueError("predict_action needs the policy's processor (saved with it by save_pretrained): pass "
@@ -264,7 +273,7 @@ class ECoTPolicy(nn.Module):
                    for im, ins, st in rows]
         return self.prompt_batch(samples)
 
-    def prompt_batch(self, samples: Sequence[Mapping]) -> dict:
+    def prompt_batch(self, samples: Sequence[Mapping]) -> PromptBatch:
         "Samples (`image` views, `lang`, normalised `state`) -> the prompt batch of the acting layout."
         collator = self.acting.collator(self.processor)
         return collator.prompts(samples, self.reasoner.pad_to_multiple_of if self.reasoner.graphs_on(self.device) else 1)

@@ -7,7 +7,6 @@ Docs: https://ecot-dev.github.io/ecot/synthetic.html.md"""
 # %% ../nbs/01_synthetic.ipynb #877dbc0d
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
@@ -18,27 +17,26 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
-
-try:  # POSIX file locks keep concurrent callers from generating the same dataset twice
-    import fcntl
-except ImportError:  # pragma: no cover - non-POSIX: the atomic rename alone keeps it correct
-    fcntl = None
 
 # %% auto #0
 __all__ = ['GENERATOR_VERSION', 'IMAGE_SIZE', 'PX_PER_M', 'VIEW_X_FAR', 'VIEW_Y_LEFT', 'JPEG_QUALITY', 'TABLE_RGB', 'ARM_RGB',
            'COLOURS', 'HALF_SIZE_M', 'GRASPABLE', 'CONTAINERS', 'Z_GRASP', 'Z_PLACE', 'Z_HOVER', 'Z_CARRY', 'SPEEDS',
-           'MIN_STEPS', 'MAX_STEPS', 'STEP_NOISE_RP', 'MOTION_EPS', 'DOMINANT', 'EPISODES_PER_FILE', 'SPLITS',
-           'DATASET_NAME', 'DATASET_VERSION', 'REASONING_FILE', 'MANIFEST_FILE', 'hide_gpus_from_tf', 'import_tf',
-           'world_to_pixel', 'SceneObject', 'draw_object', 'draw_gripper', 'render_frame', 'encode_jpeg',
-           'subtask_texts', 'simulate', 'direction_words', 'move_primitive', 'EpisodeSpec', 'sample_episode',
-           'episode_specs', 'reasoning_coverage', 'move_reason', 'subtask_reason', 'episode_features',
-           'episode_reasoning', 'reasoning_json', 'bridge_features', 'tfds_example', 'write_synthetic_bridge',
-           'load_manifest', 'cache_dir', 'dataset_dir_name', 'is_complete', 'embedded_dataset']
+           'MIN_STEPS', 'MAX_STEPS', 'STEP_NOISE_RP', 'LEVEL_RATE', 'MOTION_EPS', 'DOMINANT', 'EPISODES_PER_FILE',
+           'SPLITS', 'N_GRASPABLE', 'N_CONTAINERS', 'TABLE_X', 'TABLE_Y', 'START_X', 'START_Y', 'START_Z',
+           'RELATION_SHARE', 'RELATION_MARGIN', 'RELATIONS', 'DEFAULT_N_TRAIN', 'DEFAULT_N_VAL', 'DATASET_NAME',
+           'DATASET_VERSION', 'REASONING_FILE', 'MANIFEST_FILE', 'hide_gpus_from_tf', 'import_tf', 'world_to_pixel',
+           'SceneObject', 'draw_object', 'draw_gripper', 'render_frame', 'encode_jpeg', 'subtask_texts', 'simulate',
+           'direction_words', 'move_primitive', 'EpisodeSpec', 'relations_of', 'referring_expression',
+           'resolve_reference', 'sample_episode', 'episode_specs', 'reasoning_coverage', 'move_reason',
+           'where_on_table', 'subtask_reason', 'episode_features', 'episode_reasoning', 'reasoning_json',
+           'bridge_features', 'tfds_example', 'write_synthetic_bridge', 'load_manifest', 'cache_dir',
+           'dataset_dir_name', 'is_complete', 'embedded_dataset']
 
 # %% ../nbs/01_synthetic.ipynb #8e6215bf
 def hide_gpus_from_tf(tf) -> None:
@@ -65,18 +63,18 @@ if sys.modules.get("tensorflow") is not None:  # imported before us: hide the GP
     hide_gpus_from_tf(sys.modules["tensorflow"])
 
 # %% ../nbs/01_synthetic.ipynb #7c335cef
-GENERATOR_VERSION = "1"  # bump whenever the generated data changes: the cache folder name includes it
+GENERATOR_VERSION = "2"  # bump whenever the generated data changes: the cache folder name includes it
 IMAGE_SIZE = 256
 PX_PER_M = 512.0
 VIEW_X_FAR = 0.60   # x (forward) at the top row of the image
 VIEW_Y_LEFT = 0.25  # y (left) at the left column
-JPEG_QUALITY = 90
+JPEG_QUALITY = 75
 
 TABLE_RGB = (214, 196, 166)
 ARM_RGB = (95, 95, 105)
 COLOURS = {"red": (214, 39, 40), "blue": (31, 90, 200), "green": (44, 160, 44),
            "yellow": (232, 200, 30), "purple": (148, 70, 190), "orange": (250, 127, 14)}
-HALF_SIZE_M = {"cube": 0.022, "cylinder": 0.02, "bowl": 0.05, "plate": 0.058}  # half width seen from above
+HALF_SIZE_M = {"cube": 0.03, "cylinder": 0.028, "bowl": 0.055, "plate": 0.06}  # half width seen from above
 GRASPABLE = ("cube", "cylinder")
 CONTAINERS = ("bowl", "plate")
 
@@ -188,9 +186,10 @@ def encode_jpeg(frame: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     return buf.getvalue()
 
 # %% ../nbs/01_synthetic.ipynb #7c0c9367
-SPEEDS = {"xy": (0.028, 0.036), "z": 0.03, "yaw": 0.2}  # per-step caps: xy range jittered per episode
-MIN_STEPS, MAX_STEPS = 20, 40
-STEP_NOISE_RP = 0.002  # rad, roll/pitch random walk per step
+SPEEDS = {"xy": (0.035, 0.035), "z": 0.03, "yaw": 0.2}  # per-step caps (xy: drawn from this range; one speed)
+MIN_STEPS, MAX_STEPS = 14, 44
+STEP_NOISE_RP = 0.0  # rad, roll/pitch random walk per step (none: nothing that the frame and state do not show)
+LEVEL_RATE = 0.25    # share of the roll/pitch tilt that the controller levels out each step
 
 
 def subtask_texts(target: str, destination: str) -> list[str]:
@@ -215,7 +214,9 @@ def simulate(start: np.ndarray, ops, vmax_xy: float, rng: np.random.Generator):
     pose = [0, 1, 2, 5]  # the controlled dims: x, y, z, yaw
 
     def advance(nxt, phase):
-        nxt[3:5] += rng.normal(0.0, STEP_NOISE_RP, 2)
+        nxt[3:5] -= LEVEL_RATE * cur[3:5]  # the wrist levels out its starting tilt
+        if STEP_NOISE_RP > 0:
+            nxt[3:5] += rng.normal(0.0, STEP_NOISE_RP, 2)
         states.append(nxt)
         phases.append(phase)
         return nxt
@@ -335,6 +336,11 @@ class EpisodeSpec:
         moved = dataclasses.replace(self.target, x=pos[0], y=pos[1])
         return [moved if o == self.target else o for o in self.objects]
 
+    def goal(self, t: int) -> tuple[float, float]:
+        "World (x, y) that the gripper heads for at step t: the target until it is lifted, then the destination."
+        o = self.target if int(self.phases[t]) < 2 else self.destination
+        return (o.x, o.y)
+
     def frames(self) -> list[np.ndarray]:
         "The rendered image_0 of every step."
         return [render_frame(self.objects_at(t), self.states[t]) for t in range(self.n_steps)]
@@ -352,20 +358,54 @@ class EpisodeSpec:
 SPLITS = ("train", "val")
 _TEMPLATES = {"bowl": ("put the {t} in the {d}", "place the {t} in the {d}", "move the {t} into the {d}"),
               "plate": ("put the {t} on the {d}", "place the {t} on the {d}", "move the {t} onto the {d}")}
+N_GRASPABLE = (2, 3)     # graspable objects in a scene (min, max): the target and one or two distractors
+N_CONTAINERS = 2         # containers in a scene: the destination and one distractor
+TABLE_X, TABLE_Y = (0.17, 0.53), (-0.19, 0.19)                        # where object centres go (m)
+START_X, START_Y, START_Z = (0.13, 0.52), (-0.21, 0.21), (0.09, 0.14)  # where the gripper starts (m)
+RELATION_SHARE = 0.5     # share of the episodes with a relation that names their target by it
+RELATION_MARGIN = 0.06   # m: "on the left" needs the target this much further left than the others of its kind
+RELATIONS = {"on the left": (1, 1.0), "on the right": (1, -1.0)}  # name: (axis of (x, y), sign)
 
 
 def _place_objects(kinds: list[str], colours: list[str], rng: np.random.Generator) -> list[SceneObject]:
-    "Objects at random, non-overlapping positions inside the view."
+    "Objects at random, non-overlapping positions on the table."
     for _ in range(1000):
         objs = []
         for kind, colour in zip(kinds, colours):
-            x, y = rng.uniform(0.22, 0.52), rng.uniform(-0.18, 0.18)
+            x, y = rng.uniform(*TABLE_X), rng.uniform(*TABLE_Y)
             angle = float(rng.uniform(-math.pi / 4, math.pi / 4)) if kind == "cube" else 0.0
             objs.append(SceneObject(colour, kind, float(x), float(y), angle))
-        if all(math.hypot(a.x - b.x, a.y - b.y) > 1.5 * (HALF_SIZE_M[a.kind] + HALF_SIZE_M[b.kind]) + 0.02
+        if all(math.hypot(a.x - b.x, a.y - b.y) > 1.2 * (HALF_SIZE_M[a.kind] + HALF_SIZE_M[b.kind]) + 0.015
                for i, a in enumerate(objs) for b in objs[i + 1:]):
             return objs
     raise RuntimeError("could not place the objects apart; the view is too small for them")  # pragma: no cover
+
+
+def relations_of(obj: SceneObject, objects: Sequence[SceneObject]) -> list[str]:
+    "The relations (keys of `RELATIONS`) that single `obj` out among the objects of its kind; [] if it is the only one."
+    same = [o for o in objects if o.kind == obj.kind and o != obj]
+    if not same:
+        return []
+    at = lambda o, axis, sign: sign * (o.x, o.y)[axis]
+    return [name for name, (axis, sign) in RELATIONS.items()
+            if all(at(obj, axis, sign) > at(o, axis, sign) + RELATION_MARGIN for o in same)]
+
+
+def referring_expression(obj: SceneObject, objects: Sequence[SceneObject], relation: Optional[str] = None) -> str:
+    "How an instruction names `obj`: its label ('red cube'), or its kind and a relation ('cube on the left')."
+    if relation is None:
+        return obj.label
+    if relation not in relations_of(obj, objects):
+        raise ValueError(f"{relation!r} does not single out the {obj.label} among {[o.label for o in objects]}")
+    return f"{obj.kind} {relation}"
+
+
+def resolve_reference(phrase: str, objects: Sequence[SceneObject]) -> SceneObject:
+    "The one object among `objects` that `phrase` (a label, or 'kind relation') names; ValueError unless exactly one."
+    hits = [o for o in objects if phrase == o.label or any(phrase == f"{o.kind} {r}" for r in relations_of(o, objects))]
+    if len(hits) != 1:
+        raise ValueError(f"{phrase!r} names {len(hits)} of {[o.label for o in objects]}: expected exactly one")
+    return hits[0]
 
 
 def sample_episode(split: str, index: int, seed: int) -> EpisodeSpec:
@@ -374,31 +414,35 @@ def sample_episode(split: str, index: int, seed: int) -> EpisodeSpec:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     for _ in range(200):
-        n_obj = int(rng.integers(2, 5))
+        n_grasp = int(rng.integers(N_GRASPABLE[0], N_GRASPABLE[1] + 1))
+        n_obj = n_grasp + N_CONTAINERS
         colours = [str(c) for c in rng.choice(list(COLOURS), size=n_obj, replace=False)]
-        kinds = [str(rng.choice(GRASPABLE)), str(rng.choice(CONTAINERS))]
-        kinds += [str(rng.choice(GRASPABLE + CONTAINERS)) for _ in range(n_obj - 2)]
+        kinds = [str(rng.choice(GRASPABLE)) for _ in range(n_grasp)] + [str(rng.choice(CONTAINERS)) for _ in range(N_CONTAINERS)]
         objects = _place_objects(kinds, colours, rng)
-        target, destination = objects[0], objects[1]
+        target, destination = objects[0], objects[n_grasp]  # the others are distractors
         order = rng.permutation(n_obj)  # the target need not be listed first
         objects = [objects[i] for i in order]
-        yaw0 = float(rng.uniform(-0.2, 0.2))
-        start = np.array([rng.uniform(0.14, 0.20), rng.uniform(-0.06, 0.06), rng.uniform(0.11, 0.14),
-                          rng.normal(0, 0.02), rng.normal(0, 0.02), yaw0, 1.0])
+        yaw0 = float(rng.uniform(-0.3, 0.3))
+        start = np.array([rng.uniform(*START_X), rng.uniform(*START_Y), rng.uniform(*START_Z),
+                          rng.normal(0, 0.03), rng.normal(0, 0.03), yaw0, 1.0])
         grasp_yaw = target.angle if target.kind == "cube" else yaw0
-        place = (destination.x + rng.uniform(-0.01, 0.01), destination.y + rng.uniform(-0.01, 0.01))
-        states, actions, phases = simulate(start, _plan_ops(target, place, grasp_yaw),
+        states, actions, phases = simulate(start, _plan_ops(target, (destination.x, destination.y), grasp_yaw),
                                            float(rng.uniform(*SPEEDS["xy"])), rng)
         if MIN_STEPS <= len(states) <= MAX_STEPS:
             template = _TEMPLATES[destination.kind][int(rng.integers(len(_TEMPLATES[destination.kind])))]
+            rels = relations_of(target, objects)
+            relation = str(rng.choice(rels)) if rels and rng.random() < RELATION_SHARE else None
             scores = [round(float(rng.uniform(0.75, 0.99)), 3) for _ in objects]
             return EpisodeSpec(split, index, objects, target, destination,
-                               template.format(t=target.label, d=destination.label),
+                               template.format(t=referring_expression(target, objects, relation), d=destination.label),
                                states, actions, phases, scores)
     raise RuntimeError(f"no episode of {MIN_STEPS}-{MAX_STEPS} steps for {split}/{index}/seed {seed}")  # pragma: no cover
 
 # %% ../nbs/01_synthetic.ipynb #b0681ea9
-def episode_specs(n_train: int = 24, n_val: int = 4, seed: int = 0) -> list[EpisodeSpec]:
+DEFAULT_N_TRAIN, DEFAULT_N_VAL = 24, 4  # the embedded default's episodes per split (small: CI regenerates it)
+
+
+def episode_specs(n_train: int = DEFAULT_N_TRAIN, n_val: int = DEFAULT_N_VAL, seed: int = 0) -> list[EpisodeSpec]:
     "All episodes (train first, then val) with their instruction, objects, phase boundaries and reasoning gaps."
     for name, n, lo in (("n_train", n_train, 1), ("n_val", n_val, 1), ("seed", seed, 0)):
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < lo:
@@ -431,7 +475,7 @@ def _relation(obj: str, words: list[str], ref: str) -> str:
 
 
 def move_reason(spec: EpisodeSpec, t: int, primitive: str) -> str:
-    "Why the step's move makes sense, from the phase and where things are."
+    "Why the step's move makes sense, from the phase and where things are in the frame (no later step)."
     tgt, dst = spec.target.label, spec.destination.label
     prep = "in" if spec.destination.kind == "bowl" else "on"
     s, phase = spec.states[t], int(spec.phases[t])
@@ -443,7 +487,8 @@ def move_reason(spec: EpisodeSpec, t: int, primitive: str) -> str:
         return f"the {tgt} is {prep} the {dst}: the task is done"
     if primitive.startswith("rotate"):
         return f"the gripper turns to line up with the {tgt}"
-    xy = direction_words(*spec.actions[t][:2])
+    gx, gy = spec.goal(t)
+    xy = direction_words(gx - float(s[0]), gy - float(s[1]))
     if phase == 0:
         return _relation(tgt, xy, "gripper") if xy else f"the gripper is above the {tgt} and must come down to it"
     if phase == 1:
@@ -453,24 +498,34 @@ def move_reason(spec: EpisodeSpec, t: int, primitive: str) -> str:
     return f"the {tgt} is released, so the gripper moves up and away from it"
 
 
+def where_on_table(obj: SceneObject) -> str:
+    "Coarse place of an object on the table, e.g. 'at the back left' (back = far from the robot)."
+    fb = "back" if obj.x > sum(TABLE_X) / 2 else "front"
+    lr = "left" if obj.y > 0 else "right"
+    return f"at the {fb} {lr}"
+
+
 def subtask_reason(spec: EpisodeSpec, phase: int) -> str:
-    "Why the subtask of `phase` comes now."
+    "Why the subtask of `phase` comes now; it grounds the target (and, once held, the destination) on the table."
     tgt, dst = spec.target.label, spec.destination.label
-    return [f"the {tgt} has to be reached before it can be picked up",
+    return [f"the {tgt} {where_on_table(spec.target)} has to be reached before it can be picked up",
             f"the gripper is at the {tgt}, which must be held to be moved",
-            f"the {tgt} is held and has to go to the {dst}",
+            f"the {tgt} is held and has to go to the {dst} {where_on_table(spec.destination)}",
             f"the {tgt} is at the {dst} and must be let go"][phase]
 
 
 def episode_features(spec: EpisodeSpec) -> dict:
-    "The per-step `features` of the ECoT JSON: gripper pixel positions, boxes, move primitives."
-    grip, boxes, moves = [], [], []
+    """The per-step `features` of the ECoT JSON: goal pixels (`gripper_position`), boxes, move primitives, gripper pixels.
+
+    `gripper_position[t]` is the pixel the gripper heads for at step t (`spec.goal(t)`), not where it will be:
+    the GRIPPER POSITION tag shows steps t..t+3, and future gripper positions would give away the next actions."""
+    goal, grip, boxes, moves = [], [], [], []
     for t in range(spec.n_steps):
-        u, v = world_to_pixel(float(spec.states[t][0]), float(spec.states[t][1]))
-        grip.append([int(round(u)), int(round(v))])
+        goal.append([int(round(c)) for c in world_to_pixel(*spec.goal(t))])
+        grip.append([int(round(c)) for c in world_to_pixel(float(spec.states[t][0]), float(spec.states[t][1]))])
         boxes.append([[sc, o.label, o.box()] for sc, o in zip(spec.scores, spec.objects_at(t))])
         moves.append(move_primitive(spec.states[t], spec.actions[t]))
-    return {"gripper_position": grip, "bboxes": boxes, "move_primitive": moves}
+    return {"gripper_position": goal, "bboxes": boxes, "move_primitive": moves, "gripper_pixel": grip}
 
 
 def episode_reasoning(spec: EpisodeSpec) -> dict:
@@ -486,7 +541,8 @@ def episode_reasoning(spec: EpisodeSpec) -> dict:
     meta = {"episode_id": spec.episode_id, "file_path": spec.file_path, "n_steps": spec.n_steps,
             "language_instruction": spec.instruction, "caption": spec.caption, "split": spec.split,
             "subtask_boundaries": spec.boundaries, "substep_ends": spec.substep_ends,
-            "missing_steps": list(spec.missing_steps)}
+            "missing_steps": list(spec.missing_steps),
+            "gripper_position": "the pixel the gripper heads for (the current subtask's object), not a future position"}
     return {"reasoning": reasoning, "features": feats, "metadata": meta}
 
 
@@ -588,7 +644,7 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_synthetic_bridge(root, n_train: int = 24, n_val: int = 4, seed: int = 0) -> Path:
+def write_synthetic_bridge(root, n_train: int = DEFAULT_N_TRAIN, n_val: int = DEFAULT_N_VAL, seed: int = 0) -> Path:
     "Write `root/bridge_orig/1.0.0/…` (root is a TFDS data_dir), `root/embodied_features_bridge.json` and the manifest."
     root = Path(root)
     if (root / DATASET_NAME).exists():
@@ -620,7 +676,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ECOT_CACHE") or Path.home() / ".cache" / "ecot").expanduser()
 
 
-def dataset_dir_name(n_train: int = 24, n_val: int = 4, seed: int = 0) -> str:
+def dataset_dir_name(n_train: int = DEFAULT_N_TRAIN, n_val: int = DEFAULT_N_VAL, seed: int = 0) -> str:
     "Cache folder name of a parameter set (includes the generator version, so changes regenerate)."
     return f"synthetic_bridge-v{GENERATOR_VERSION}-train{n_train}-val{n_val}-seed{seed}"
 
@@ -632,28 +688,14 @@ def is_complete(root) -> bool:
                (f"{DATASET_NAME}/{DATASET_VERSION}/dataset_info.json", REASONING_FILE, MANIFEST_FILE))
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    "An exclusive advisory lock on `path` (no-op without fcntl: the rename keeps it correct anyway)."
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def embedded_dataset(seed: int = 0, cache=None, n_train: int = 24, n_val: int = 4) -> Path:
+def embedded_dataset(seed: int = 0, cache=None, n_train: int = DEFAULT_N_TRAIN, n_val: int = DEFAULT_N_VAL) -> Path:
     "The cached synthetic dataset root (TFDS data_dir + reasoning JSON); generated once if missing."
     cache = Path(cache) if cache is not None else cache_dir()
     final = cache / dataset_dir_name(n_train, n_val, seed)
     if is_complete(final):
         return final
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / f".{final.name}.lock"):
+    with FileLock(cache / f".{final.name}.lock"):  # concurrent callers wait: one generates, the others reuse
         if is_complete(final):  # another process finished while we waited
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))

@@ -175,16 +175,17 @@ def test_policy_eos_head_gets_gradients_through_the_buffer():
 
 def test_eos_f1_rises_in_a_short_run(tmp_path):
     """Train the tiny policy with the EOS head on the embedded default; F1 on the validation frames rises far above
-    the all-negative baseline (F1 0) and the all-positive one (2p/(1+p)); the buffer is checkpointed as an extra."""
+    the all-negative baseline (F1 0) and the all-positive one (2p/(1+p)); the buffer is checkpointed (`EOSHook`)."""
     torch.set_num_threads(1)
     steps = 200
+    # the head reads the action head at the true chunk (eos_input clean): the features it can learn from in a short run
     run = _eos_run([f"trainer.max_train_steps={steps}", "trainer.save_interval=100000", "trainer.logging_frequency=20",
-                    "datasets.vla_data.per_device_batch_size=4"])
+                    "datasets.vla_data.per_device_batch_size=4", "framework.action_model.eos_input=clean"])
     from ecot.build import build_dataset
     val = list(build_dataset(run.cfg, train=False))
     before, _, pos_rate = eos_f1(run.policy, run.collator, val)
     t0 = time.time()
-    run.trainer(tmp_path / "run", progress=False, extras={"eos_buffer": run.policy.eos_buffer}).train()
+    run.trainer(tmp_path / "run", progress=False).train()  # the EOS hook checkpoints the buffer
     train_s = time.time() - t0
     after, after_pred, _ = eos_f1(run.policy, run.collator, val)
     all_positive = 2 * pos_rate / (1 + pos_rate)

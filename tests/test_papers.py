@@ -18,7 +18,7 @@ def _digests(folder: Path) -> dict[str, str]:
 def _run(tmp_path: Path, out: str, **params) -> tuple[Path, Path, str]:
     "Execute the notebook with quick settings into `tmp_path`: (figures dir, table dir, what its cells printed)."
     fig, tab = tmp_path / "figures", tmp_path / "metrics"
-    pm.execute_notebook(str(NB), str(tmp_path / out), cwd=str(ROOT / "papers"), progress_bar=False,
+    pm.execute_notebook(str(NB), str(tmp_path / out), cwd=str(ROOT), progress_bar=False,
                         parameters=dict(quick=True, runs_dir=str(tmp_path / "runs"), figures_dir=str(fig),
                                         table_dir=str(tab), **params))
     nb = json.loads((tmp_path / out).read_text())

@@ -1,10 +1,15 @@
-"""The embedded synthetic Bridge dataset at full default size, its cache and its concurrency safety.
+"""The embedded synthetic Bridge dataset at full default size, its cache and its concurrency safety, and the
+properties of its world that make a policy need the image and the instruction.
 
 The notebook nbs/01_synthetic.ipynb tests the parts on a tiny dataset; here: the real default
-(24 train + 4 val episodes) through the package as users import it, several processes asking for
-the cache at once, and the package importing without TensorFlow.
+(`DEFAULT_N_TRAIN` + `DEFAULT_N_VAL` episodes) through the package as users import it, several processes asking
+for the cache at once, the package importing without TensorFlow, and the world's rules on the default episodes
+(the start state does not give the target away, the instruction selects one of several objects, the reasoning
+holds no future position). `bench/world_learnability.py` measures what these mean for a trained policy.
 """
+import dataclasses
 import json
+import re
 import os
 import subprocess
 import sys
@@ -16,6 +21,8 @@ import numpy as np
 import pytest
 
 import ecot.synthetic as syn
+
+N_TRAIN, N_VAL = syn.DEFAULT_N_TRAIN, syn.DEFAULT_N_VAL
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +45,11 @@ def full(tmp_path_factory):
 
 def test_default_dataset_is_cached_small_and_fast(full):
     root, cache, seconds = full
-    assert root == cache / syn.dataset_dir_name(24, 4, 0)
+    assert root == cache / syn.dataset_dir_name(N_TRAIN, N_VAL, 0)
     assert syn.is_complete(root)
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     print(f"generated in {seconds:.1f}s, {size / 1e6:.2f} MB")
-    assert 1e6 < size < 10e6, size
+    assert 1e6 < size < 10e6, size  # CI regenerates it: keep it small
     assert seconds < 60, seconds
     assert syn.embedded_dataset(cache=cache) == root  # reused
     assert not [p for p in cache.iterdir() if ".tmp-" in p.name]
@@ -56,13 +63,13 @@ def test_reads_back_with_tfds(full):
     assert (ds_dir / "dataset_info.json").exists() and (ds_dir / "features.json").exists()
     builder = tfds.builder_from_directory(str(ds_dir))
     assert (builder.info.name, str(builder.info.version)) == ("bridge_orig", "1.0.0")
-    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 24, "val": 4}
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": N_TRAIN, "val": N_VAL}
     feats = builder.info.features
     assert set(feats["steps"].keys()) == {"observation", "action", "discount", "reward", "is_first", "is_last",
                                           "is_terminal", "language_instruction"}
     assert set(feats["episode_metadata"].keys()) == {"file_path", "episode_id", "has_image_0", "has_image_1",
                                                      "has_image_2", "has_image_3", "has_language"}
-    specs = {(s.file_path, s.episode_id): s for s in syn.episode_specs(24, 4, 0)}
+    specs = {(s.file_path, s.episode_id): s for s in syn.episode_specs()}
     seen = set()
     for episode in tfds.as_numpy(builder.as_dataset(split="train")):
         m = episode["episode_metadata"]
@@ -79,7 +86,7 @@ def test_reads_back_with_tfds(full):
         assert set(np.unique(actions[:, 6])) == {0.0, 1.0}
         assert steps[0]["observation"]["image_0"].shape == (256, 256, 3)
         seen.add(key)
-    assert len(seen) == 24
+    assert len(seen) == N_TRAIN
 
 
 def test_reasoning_json_matches_manifest_and_contract(full):
@@ -87,9 +94,10 @@ def test_reasoning_json_matches_manifest_and_contract(full):
     rj = json.loads((root / syn.REASONING_FILE).read_text())
     manifest = syn.load_manifest(root)
     eps = manifest["episodes"]
-    assert len(eps) == 28
+    assert len(eps) == N_TRAIN + N_VAL
     missing = [e for e in eps if not e["has_reasoning"]]
-    assert [e["split"] for e in missing].count("train") == 3 and [e["split"] for e in missing].count("val") == 1
+    assert [e["split"] for e in missing].count("train") == N_TRAIN // 8
+    assert [e["split"] for e in missing].count("val") == N_VAL // 4
     assert sum(bool(e["missing_steps"]) for e in eps) == 1
     frames_with = 0
     for e in eps:
@@ -104,8 +112,8 @@ def test_reasoning_json_matches_manifest_and_contract(full):
         assert entry["metadata"]["subtask_boundaries"] == e["subtask_boundaries"]
         assert len(e["subtask_boundaries"]) == 3
         feats = entry["features"]
-        assert all(len(feats[k]) == n for k in ("gripper_position", "bboxes", "move_primitive"))
-        for u, v in feats["gripper_position"]:
+        assert all(len(feats[k]) == n for k in ("gripper_position", "bboxes", "move_primitive", "gripper_pixel"))
+        for u, v in feats["gripper_position"] + feats["gripper_pixel"]:
             assert 0 <= u < 256 and 0 <= v < 256
         for boxes in feats["bboxes"]:
             assert len(boxes) == len(e["objects"])
@@ -187,3 +195,103 @@ def test_package_imports_without_tensorflow():
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- the world: what a policy has to see
+INSTRUCTION = re.compile(r"^(?:put|place|move) the (.+) (?:in|on|into|onto) the (\w+ \w+)$")
+
+
+@pytest.fixture(scope="module")
+def specs():
+    "More episodes than the embedded default (specs only, nothing rendered): enough for the statistics below."
+    return syn.episode_specs(160, 20)
+
+
+def test_the_start_state_does_not_give_the_target_away(specs):
+    "Episodes that start in nearly the same pose go to far-apart targets; the start pose explains none of the target."
+    train = [s for s in specs if s.split == "train"]
+    start = np.stack([s.states[0][[0, 1, 2, 5]] for s in train])  # x, y, z, yaw
+    target = np.stack([[s.target.x, s.target.y] for s in train])
+    d_start = np.linalg.norm(start[:, None, :2] - start[None, :, :2], axis=-1)
+    pairs = np.argwhere(np.triu(d_start < 0.02, 1))
+    d_target = np.linalg.norm(target[pairs[:, 0]] - target[pairs[:, 1]], axis=-1)
+    assert len(pairs) >= 10 and np.median(d_target) > 0.1, (len(pairs), np.median(d_target))
+    X = np.c_[start, np.ones(len(start))]
+    resid = target - X @ np.linalg.lstsq(X, target, rcond=None)[0]
+    r2 = 1 - resid.var(0) / target.var(0)
+    assert (r2 < 0.1).all(), r2
+    # the gripper starts anywhere: the first move points every way (8 sectors, none nearly empty)
+    first = np.stack([s.actions[0, :2] for s in train])
+    sectors = np.histogram(np.arctan2(first[:, 1], first[:, 0]), bins=8, range=(-np.pi, np.pi))[0]
+    assert sectors.min() >= len(train) / 40, sectors
+
+
+def test_where_the_objects_are_is_what_the_state_lacks(specs):
+    """The next xy motion from the state alone (least squares, fitted on train, scored on val) is no better than its
+    mean; told where the gripper heads (what the image and instruction show), the same fit is several times better."""
+    def rows(split, told):
+        X, Y = [], []
+        for s in (s for s in specs if s.split == split):
+            for t in range(s.n_steps - 1):
+                gx, gy = s.goal(t)
+                X.append([*s.states[t]] + ([gx - s.states[t][0], gy - s.states[t][1]] if told else []))
+                Y.append(s.actions[t, :2])
+        return np.c_[np.asarray(X), np.ones(len(X))], np.asarray(Y)
+    err = {}
+    for told in (False, True):
+        (X, Y), (Xv, Yv) = rows("train", told), rows("val", told)
+        err[told] = float(((Xv @ np.linalg.lstsq(X, Y, rcond=None)[0] - Yv) ** 2).mean())
+    base = float(((Yv - Y.mean(0)) ** 2).mean())
+    assert err[False] > 0.9 * base, (err, base)
+    assert err[True] < 0.4 * err[False], err
+
+
+def test_the_instruction_names_one_of_several_objects(specs):
+    "Two or three graspable objects and two containers; the instruction's phrases each name exactly one of them."
+    by_relation = 0
+    for s in specs:
+        kinds = [o.kind for o in s.objects]
+        assert 2 <= sum(k in syn.GRASPABLE for k in kinds) <= 3 and sum(k in syn.CONTAINERS for k in kinds) == 2
+        assert len({o.colour for o in s.objects}) == len(s.objects)
+        m = INSTRUCTION.match(s.instruction)
+        assert m, s.instruction
+        phrase, dest = m.groups()
+        assert syn.resolve_reference(phrase, s.objects) == s.target, s.instruction
+        assert syn.resolve_reference(dest, s.objects) == s.destination, s.instruction
+        by_relation += phrase != s.target.label
+        # the same scene with another graspable named: another object (the instruction, not the scene, selects)
+        for other in (o for o in s.objects if o.kind in syn.GRASPABLE and o != s.target):
+            assert syn.resolve_reference(other.label, s.objects) == other
+    assert 0.1 < by_relation / len(specs) < 0.4, by_relation / len(specs)
+
+
+def test_the_reasoning_holds_no_future_position(full):
+    """GRIPPER POSITION as the policy reads it (the reader renders steps t..t+3) holds only the pixels of the objects
+    the gripper heads for, never the gripper's later track; the text of step t does not change when every later
+    state and action is scrambled."""
+    from ecot.reasoning import ReasoningLookup
+    root, _, _ = full
+    lookup = ReasoningLookup.from_json(root / syn.REASONING_FILE)
+    px = lambda x, y: tuple(int(round(c)) for c in syn.world_to_pixel(x, y))
+    checked = 0
+    specs = syn.episode_specs()  # the episodes of `full`
+    for s in specs:
+        if not s.has_reasoning:
+            continue
+        allowed = {px(s.target.x, s.target.y), px(s.destination.x, s.destination.y)}
+        for t in s.reasoning_steps:
+            text = lookup.render(s.file_path, s.episode_id, t)["GRIPPER POSITION"]
+            nums = [int(v) for v in text.strip("[]").split(",")]
+            shown = set(zip(nums[::2], nums[1::2]))
+            assert shown <= allowed, (s.file_path, t, shown, allowed)
+            checked += 1
+    assert checked > 500
+    s = next(s for s in specs if s.has_reasoning and not s.missing_steps)
+    rng = np.random.default_rng(0)
+    for t in range(s.n_steps - 1):
+        cut = dataclasses.replace(s)
+        cut.states = s.states.copy()
+        cut.states[t + 1:, :6] += rng.normal(0, 0.05, (s.n_steps - t - 1, 6)).astype(np.float32)
+        cut.actions = s.actions.copy()
+        cut.actions[t + 1:] = rng.normal(0, 0.05, (s.n_steps - t - 1, 7)).astype(np.float32)
+        assert syn.episode_reasoning(cut)["reasoning"][str(t)] == syn.episode_reasoning(s)["reasoning"][str(t)], t
