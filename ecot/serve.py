@@ -8,6 +8,7 @@ Docs: https://ecot-dev.github.io/ecot/serve.html.md"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import threading
@@ -115,8 +116,8 @@ class PolicyServer:
                  keys: ObservationKeys = ObservationKeys()):
         self.policy, self.host, self.port, self.keys = policy, host, port, keys
         self._lock, self._server = threading.Lock(), None
-        spec, hp = policy.acting, policy.hparams
-        self.metadata = dict(action_dim=hp["action_dim"], chunk_len=hp["chunk_len"], state_dim=hp["state_dim"],
+        spec, head = policy.acting, policy.action_head
+        self.metadata = dict(action_dim=head.action_dim, chunk_len=head.chunk_len, state_dim=head.state_dim,
                              stage=spec.stage, text_tags=list(spec.text_tags), latent_tags=list(spec.tags[:spec.stage]),
                              image_size=list(spec.image_size) if spec.image_size else None,
                              observation_keys=asdict(keys), eos=policy.eos is not None, protocol="openpi-msgpack")
@@ -124,7 +125,7 @@ class PolicyServer:
     def infer(self, obs: Mapping) -> dict:
         "One observation -> the reply (raises ObservationError on a malformed one)."
         t0 = time.perf_counter()
-        inputs = read_observation(obs, self.keys, self.policy.hparams["state_dim"])
+        inputs = read_observation(obs, self.keys, self.policy.action_head.state_dim)
         with self._lock:
             t1 = time.perf_counter()
             out = self.policy.predict_action(**inputs)
@@ -176,7 +177,8 @@ class RemotePolicy:
     def __init__(self, uri: str, keys: ObservationKeys = ObservationKeys(), open_timeout: float = 30):
         from websockets.sync.client import connect
         self.uri, self.keys = uri, keys
-        self._ws = connect(uri, compression=None, max_size=None, open_timeout=open_timeout)
+        self._open = contextlib.ExitStack()  # the connection is entered as a context manager (websockets warns otherwise)
+        self._ws = self._open.enter_context(connect(uri, compression=None, max_size=None, open_timeout=open_timeout))
         self.metadata = unpackb(self._ws.recv())
 
     def predict_action(self, images, instruction: str, state=None, seed: int = 0) -> dict[str, Any]:
@@ -196,7 +198,7 @@ class RemotePolicy:
         return {**out, **batched, "reasoning": [out["reasoning"]], "reasoning_text": [out["reasoning_text"]]}
 
     def close(self):
-        self._ws.close()
+        self._open.close()
 
 # %% ../nbs/18_serve.ipynb #ef8a53db
 def main(argv=None):
