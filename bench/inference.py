@@ -128,8 +128,8 @@ def main():
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
     print(f"config {a.config}: {sum(p.numel() for p in policy.parameters()) / 1e9:.2f} B parameters, {dtype}, "
-          f"image {tuple(cfg.datasets.vla_data.image_size)}, chunk {policy.hparams['chunk_len']}, "
-          f"{policy.hparams['num_inference_steps']} denoising steps, {replace(spec, stage=2).n_thinking} thinking columns at stage 2 "
+          f"image {tuple(cfg.datasets.vla_data.image_size)}, chunk {policy.action_head.chunk_len}, "
+          f"{policy.action_head.num_inference_steps} denoising steps, {replace(spec, stage=2).n_thinking} thinking columns at stage 2 "
           f"({replace(spec, stage=8).n_thinking} at stage 8)")
     limit = weight_bytes / bw if device.type == "cuda" else float("nan")
     print(f"weights read per decoded token {weight_bytes / 2 ** 30:.2f} GiB; copy bandwidth {bw / 1e12:.2f} TB/s "

@@ -18,6 +18,7 @@ import torch
 from ecot.backbone import QwenVLBackbone, build_qwen3vl, tiny_qwen3vl_config
 from ecot.testing import (ToyTokenizer, compare_latent_to_reference, float64_rmsnorm, loop_latent_forward,
                           reference_latent_forward, toy_batch)
+from ecot.action_head import ActionHeadConfig
 from ecot.policy import ECoTPolicy
 from transformers import Qwen3VLForConditionalGeneration
 
@@ -36,8 +37,8 @@ def build_policy(preset: str, device, dtype):
                               vision_start_token_id=vocab - 2, vision_end_token_id=vocab - 1, **p)
     torch.manual_seed(0)
     vlm = Qwen3VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
-    policy = ECoTPolicy(vlm, action_dim=7, chunk_len=16, state_dim=7, action_hidden_size=512, action_num_layers=8,
-                        action_num_heads=8, repeated_diffusion_steps=4, vlm_loss_weight=0.1)
+    head = ActionHeadConfig(action_dim=7, chunk_len=16, state_dim=7, hidden_size=512, num_layers=8, num_heads=8)
+    policy = ECoTPolicy(vlm, action_head=head, repeated_diffusion_steps=4, vlm_loss_weight=0.1)
     return policy.to(device=device, dtype=dtype), cfg
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from websockets.sync.client import connect
 
+from ecot.action_head import ActionHeadConfig
 from ecot.inference import ActingSpec
 from ecot.policy import ECoTPolicy
 from ecot.processor import load_processor
@@ -24,7 +25,7 @@ from ecot.serve import PolicyServer, packb, unpackb
 
 def tiny_policy(stage: int) -> ECoTPolicy:
     stats = {"bridge": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7}, "state": {"q01": [-1.0] * 7, "q99": [1.0] * 7}}}
-    return ECoTPolicy.build("tiny", load_processor("tiny"), action_dim=7, chunk_len=8, state_dim=7,
+    return ECoTPolicy.build("tiny", load_processor("tiny"), action_head=ActionHeadConfig(chunk_len=8, state_dim=7),
                             dataset_statistics=stats, acting=ActingSpec(stage=stage, image_size=(224, 224)))
 
 
@@ -39,7 +40,7 @@ def main():
     policy = (ECoTPolicy.from_pretrained(a.policy, device=a.device) if a.policy else tiny_policy(a.stage)).eval()
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)
-    state = np.zeros(policy.hparams["state_dim"], np.float32)
+    state = np.zeros(policy.action_head.state_dim, np.float32)
     obs = {"observation/image": frame, "prompt": "put the spoon on the towel"}
     if len(state):
         obs["observation/state"] = state

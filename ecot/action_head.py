@@ -8,14 +8,15 @@ Docs: https://ecot-dev.github.io/ecot/action_head.html.md"""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0
-__all__ = ['sinusoidal_embedding', 'TimestepEmbedder', 'modulate', 'DiTBlock', 'FlowMatchingActionHead']
+__all__ = ['sinusoidal_embedding', 'TimestepEmbedder', 'modulate', 'DiTBlock', 'ActionHeadConfig', 'FlowMatchingActionHead']
 
 # %% ../nbs/09_action_head.ipynb #474d5862
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -66,27 +67,59 @@ class DiTBlock(nn.Module):
         h = modulate(self.norm3(x), s3, c3)
         return x + g3[:, None] * self.mlp(h)
 
+# %% ../nbs/09_action_head.ipynb #a74e440d
+@dataclass(frozen=True)
+class ActionHeadConfig:
+    "The action head's hyper-parameters (`framework.action_model`, through `from_section`)."
+    action_dim: int = 7
+    chunk_len: int = 8  # past + future + 1 action steps
+    state_dim: int = 0  # 0: no robot state token
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    num_inference_steps: int = 4  # Euler steps in predict_action
+    noise_beta_alpha: float = 1.5
+    noise_beta_beta: float = 1.0
+    noise_s: float = 0.999
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size = {self.hidden_size} must be divisible by num_heads = {self.num_heads}")
+        for name in ("action_dim", "chunk_len", "num_layers", "num_inference_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)}: expected >= 1")
+        if not (self.noise_beta_alpha > 0 and self.noise_beta_beta > 0 and 0 < self.noise_s <= 1):
+            raise ValueError(f"noise_beta_alpha = {self.noise_beta_alpha}, noise_beta_beta = {self.noise_beta_beta}, "
+                             f"noise_s = {self.noise_s}: expected alpha > 0, beta > 0, 0 < s <= 1")
+
+    @classmethod
+    def from_section(cls, am: Any, with_state: bool = True) -> "ActionHeadConfig":
+        "From `framework.action_model`; `with_state` False (no proprioception loaded): no state token."
+        return cls(action_dim=am.action_dim, chunk_len=am.past_action_window_size + am.future_action_window_size + 1,
+                   state_dim=am.state_dim if with_state else 0, hidden_size=am.hidden_size, num_layers=am.num_layers,
+                   num_heads=am.num_heads, num_inference_steps=am.num_inference_timesteps,
+                   noise_beta_alpha=am.noise_beta_alpha, noise_beta_beta=am.noise_beta_beta, noise_s=am.noise_s)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 # %% ../nbs/09_action_head.ipynb #01823398
 class FlowMatchingActionHead(nn.Module):
     "GR00T-style flow-matching DiT: VLM hidden states (+ state) -> action chunk (chunk_len, action_dim)."
 
-    def __init__(self, vlm_hidden_size: int, action_dim: int = 7, chunk_len: int = 8, state_dim: int = 0,
-                 hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0,
-                 num_inference_steps: int = 4, noise_beta_alpha: float = 1.5, noise_beta_beta: float = 1.0,
-                 noise_s: float = 0.999, dropout: float = 0.0):
+    def __init__(self, vlm_hidden_size: int, config: Optional[ActionHeadConfig] = None, **fields):
+        "`config`, or its fields by name (`FlowMatchingActionHead(h, chunk_len=4, hidden_size=32)`)."
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size = {hidden_size} must be divisible by num_heads = {num_heads}")
-        for name, v in dict(action_dim=action_dim, chunk_len=chunk_len, num_layers=num_layers,
-                            num_inference_steps=num_inference_steps).items():
-            if v < 1:
-                raise ValueError(f"{name} = {v}: expected >= 1")
-        if not (noise_beta_alpha > 0 and noise_beta_beta > 0 and 0 < noise_s <= 1):
-            raise ValueError(f"noise_beta_alpha = {noise_beta_alpha}, noise_beta_beta = {noise_beta_beta}, "
-                             f"noise_s = {noise_s}: expected alpha > 0, beta > 0, 0 < s <= 1")
+        if config is not None and fields:
+            raise TypeError(f"FlowMatchingActionHead: pass config or its fields, not both (got {sorted(fields)})")
+        c = self.config = config if config is not None else ActionHeadConfig(**fields)
+        action_dim, chunk_len, state_dim, hidden_size = c.action_dim, c.chunk_len, c.state_dim, c.hidden_size
+        num_layers, num_heads, mlp_ratio, dropout = c.num_layers, c.num_heads, c.mlp_ratio, c.dropout
         self.action_dim, self.chunk_len, self.state_dim = action_dim, chunk_len, state_dim
-        self.num_inference_steps, self.noise_s = num_inference_steps, noise_s
-        self.noise_beta_alpha, self.noise_beta_beta = noise_beta_alpha, noise_beta_beta
+        self.num_inference_steps, self.noise_s = c.num_inference_steps, c.noise_s
+        self.noise_beta_alpha, self.noise_beta_beta = c.noise_beta_alpha, c.noise_beta_beta
         self.action_encoder = nn.Linear(action_dim, hidden_size)
         self.action_pos = nn.Parameter(torch.randn(1, chunk_len, hidden_size) * 0.02)
         self.state_encoder = nn.Linear(state_dim, hidden_size) if state_dim > 0 else None

@@ -25,7 +25,8 @@ from .dataset import ECoTRLDSDataset, make_dataloader
 from .lerobot import LeRobotECoTDataset
 from .lerobot_writer import embedded_lerobot_dataset
 from .registry import declare_datasets
-from .eos import EOSHook
+from .action_head import ActionHeadConfig
+from .eos import EOSConfig, EOSHook
 from .heldout import evaluate_policy, heldout_samples
 from .hooks import TrainerHook
 from .inference import ActingSpec
@@ -36,7 +37,7 @@ from .synthetic import embedded_dataset
 from .trainer import Trainer, check_run_dir, resolve_checkpoint, seed_everything
 
 # %% auto #0
-__all__ = ['FRAME_SOURCES', 'EOS_KEYS', 'PARAMETER_KEYS', 'data_root', 'build_dataset', 'dataset_kwargs', 'build_rlds_dataset',
+__all__ = ['FRAME_SOURCES', 'PARAMETER_KEYS', 'data_root', 'build_dataset', 'dataset_kwargs', 'build_rlds_dataset',
            'build_lerobot_dataset', 'build_heldout', 'build_loader', 'plain_statistics', 'build_processor',
            'acting_spec', 'build_collator', 'build_policy', 'compile_model', 'stage_fn', 'build_hooks', 'Run',
            'check_dims', 'check_reasoning_coverage', 'build_run', 'save_policy', 'default_run_dir', 'run_config',
@@ -146,26 +147,18 @@ def build_collator(cfg: Config, processor) -> ECoTCollator:
     return acting_spec(cfg).collator(processor)
 
 
-EOS_KEYS = ("use_eos_classification", "eos_loss", "eos_buffer_capacity", "eos_sample_positive", "eos_sample_negative",
-            "eos_min_positive", "eos_min_negative", "eos_hidden_dim", "eos_dropout", "lambda_eos", "eos_threshold",
-            "eos_pos_weight", "eos_focal_alpha", "eos_focal_gamma", "eos_input")
-
-
 def build_policy(cfg: Config, processor, dataset_statistics: Optional[dict] = None) -> ECoTPolicy:
     "The policy: Qwen3-VL (tiny preset or local weights) + flow-matching action head, from `framework`."
     f, am = cfg.framework, cfg.framework.action_model
     base = f.qwenvl.base_vlm if f.qwenvl.base_vlm == TINY_VLM else str(resolve_path(f.qwenvl.base_vlm))
-    chunk_len = am.past_action_window_size + am.future_action_window_size + 1
     policy = ECoTPolicy.build(
         base, processor, attn_implementation=f.qwenvl.attn_implementation, seed=cfg.seed, tiny_vlm=f.qwenvl.tiny_shape,
-        action_dim=am.action_dim, chunk_len=chunk_len, state_dim=am.state_dim if cfg.ecot.load_proprio else 0,
-        vlm_hidden_layer=am.vlm_hidden_layer, action_hidden_size=am.hidden_size, action_num_layers=am.num_layers,
-        action_num_heads=am.num_heads, num_inference_steps=am.num_inference_timesteps,
-        noise_beta_alpha=am.noise_beta_alpha, noise_beta_beta=am.noise_beta_beta, noise_s=am.noise_s,
+        action_head=ActionHeadConfig.from_section(am, with_state=cfg.ecot.load_proprio),
+        vlm_hidden_layer=am.vlm_hidden_layer,
         repeated_diffusion_steps=cfg.trainer.repeated_diffusion_steps,
         compute_language_loss=f.latent_reasoning.compute_language_loss,
         vlm_loss_weight=f.latent_reasoning.vlm_loss_weight, dataset_statistics=dataset_statistics,
-        acting=acting_spec(cfg), **{k: getattr(am, k) for k in EOS_KEYS})
+        acting=acting_spec(cfg), eos=EOSConfig.from_section(am))
     compile_model(policy, f.qwenvl.compile)
     return policy
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from .hooks import TrainerHook
 # %% auto #0
 __all__ = ['substep_ends_from_subtasks', 'eos_step_labels', 'eos_chunk_labels', 'load_substep_labels', 'fill_subtask_gaps',
            'eos_labels_from_subtasks', 'EOSLabeler', 'EOSHead', 'EOSBufferManager', 'EOSHook', 'focal_loss',
-           'eos_counts', 'eos_scores', 'eos_metrics', 'EOSObjective']
+           'eos_counts', 'eos_scores', 'eos_metrics', 'EOSConfig', 'EOSObjective']
 
 # %% ../nbs/14_eos.ipynb #afe70b73
 def substep_ends_from_subtasks(subtasks: list[Optional[str]]) -> list[int]:
@@ -261,19 +262,77 @@ def eos_metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0
     counts = eos_counts(logits, labels, threshold)
     return {**counts, **eos_scores(counts)}
 
+# %% ../nbs/14_eos.ipynb #81c7876d
+@dataclass(frozen=True)
+class EOSConfig:
+    "The EOS head's hyper-parameters: `framework.action_model`'s `eos_*` keys without the prefix (`lambda_eos`: `weight`)."
+    loss: str = "buffer"  # buffer (class-balanced buffer of detached states), weighted_bce or focal
+    buffer_capacity: int = 50  # per class
+    sample_positive: int = 15
+    sample_negative: int = 20
+    min_positive: int = 15
+    min_negative: int = 20
+    hidden_dim: int = 1024
+    dropout: float = 0.1
+    weight: float = 2.0  # lambda_eos: total_loss += weight · eos_loss
+    threshold: float = 0.5
+    pos_weight: float = 10.0  # weighted_bce
+    focal_alpha: float = 0.25  # focal
+    focal_gamma: float = 2.0
+    # what the head reads in training: the action head at t = 1 on the predicted chunk (as at inference), on the
+    # true chunk (clean), or the flow-matching pass's noisy states
+    input: str = "predicted"
+
+    def __post_init__(self):
+        if self.loss not in ("buffer", "weighted_bce", "focal"):
+            raise ValueError(f"eos_loss = {self.loss!r}: expected 'buffer', 'weighted_bce' or 'focal'")
+        if self.input not in ("predicted", "clean", "noisy"):
+            raise ValueError(f"eos_input = {self.input!r}: expected 'predicted' (action head at t = 1 on the chunk "
+                             "the policy predicts, as at inference), 'clean' (at the true chunk) "
+                             "or 'noisy' (the flow-matching pass's hidden states)")
+
+    @staticmethod
+    def key(field: str) -> str:
+        "The `framework.action_model` key of a field."
+        return "lambda_eos" if field == "weight" else f"eos_{field}"
+
+    @classmethod
+    def section_keys(cls) -> tuple[str, ...]:
+        "Every `framework.action_model` key of the EOS head (`use_eos_classification` first)."
+        return ("use_eos_classification",) + tuple(cls.key(f.name) for f in fields(cls))
+
+    @classmethod
+    def from_section(cls, section: Any) -> Optional["EOSConfig"]:
+        """From `framework.action_model` (or a mapping with its flat keys, as old `policy_config.json`s hold them):
+        None when `use_eos_classification` is off; missing keys take the defaults."""
+        get = section.get if isinstance(section, Mapping) else lambda k, d=None: getattr(section, k, d)
+        if not get("use_eos_classification", False):
+            return None
+        return cls(**{f.name: get(cls.key(f.name)) for f in fields(cls) if get(cls.key(f.name)) is not None})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 # %% ../nbs/14_eos.ipynb #c35aea80
 class EOSObjective(nn.Module):
     "EOS head + loss (`buffer`, `weighted_bce` or `focal`) + metrics."
-    def __init__(self, in_dim: int, hidden_dim: int = 1024, dropout: float = 0.1, loss: str = "buffer",
-                 capacity: int = 50, sample_positive: int = 15, sample_negative: int = 20, min_positive: int = 15,
-                 min_negative: int = 20, pos_weight: float = 10.0, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
-                 threshold: float = 0.5, seed: int = 0):
+    def __init__(self, in_dim: int, config: EOSConfig = EOSConfig(), seed: int = 0):
         super().__init__()
-        if loss not in ("buffer", "weighted_bce", "focal"):
-            raise ValueError(f"eos_loss = {loss!r}: expected 'buffer', 'weighted_bce' or 'focal'")
-        self.head, self.loss_type, self.threshold = EOSHead(in_dim, hidden_dim, dropout), loss, threshold
-        self.pos_weight, self.focal_alpha, self.focal_gamma = pos_weight, focal_alpha, focal_gamma
-        self.buffer = EOSBufferManager(capacity, sample_positive, sample_negative, min_positive, min_negative, seed)
+        c = self.config = config
+        self.head = EOSHead(in_dim, c.hidden_dim, c.dropout)
+        self.buffer = EOSBufferManager(c.buffer_capacity, c.sample_positive, c.sample_negative, c.min_positive,
+                                       c.min_negative, seed)
+
+    @property
+    def loss_type(self) -> str: return self.config.loss
+
+    @property
+    def threshold(self) -> float: return self.config.threshold
+
+    @threshold.setter
+    def threshold(self, value: float):
+        "A new decision threshold (calibration): kept in `config`, so it is saved with the policy."
+        self.config = replace(self.config, threshold=float(value))
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None):
         "hidden (B, T, H), labels (B, T), mask (B, T) -> (loss or None, metrics)."
@@ -298,9 +357,9 @@ class EOSObjective(nn.Module):
             loss = F.binary_cross_entropy_with_logits(b_logits.float(), b_labels.float())
         elif self.loss_type == "weighted_bce":
             loss = F.binary_cross_entropy_with_logits(logits.float(), y.float(),
-                                                      pos_weight=torch.tensor(self.pos_weight, device=y.device))
+                                                      pos_weight=torch.tensor(self.config.pos_weight, device=y.device))
         else:
-            loss = focal_loss(logits.float(), y.float(), self.focal_alpha, self.focal_gamma)
+            loss = focal_loss(logits.float(), y.float(), self.config.focal_alpha, self.config.focal_gamma)
         metrics["eos_ready"] = 1.0
         metrics["eos_loss"] = loss.item()
         return loss, metrics

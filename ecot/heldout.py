@@ -203,6 +203,5 @@ def calibrate_eos(policy, samples: Sequence[Mapping], batch_size: int = 16, seed
     if not counts[1].sum():  # no substep end among the frames: keep the threshold
         return {}
     threshold, f1 = best_eos_threshold(counts)
-    policy.eos.threshold = threshold
-    policy.hparams["eos_threshold"] = threshold  # saved with the policy
+    policy.eos.threshold = threshold  # in the head's EOSConfig: saved with the policy
     return {"eval/eos_threshold": threshold, "eval/eos_calibration_f1": f1}

@@ -12,7 +12,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -20,10 +20,10 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from .action_head import FlowMatchingActionHead
+from .action_head import ActionHeadConfig, FlowMatchingActionHead
 from .backbone import (TINY_VLM, QwenVLBackbone, build_qwen3vl, resolve_attn_implementation)
 from .collate import Batch, PromptBatch
-from .eos import EOSBufferManager, EOSObjective, eos_scores
+from .eos import EOSBufferManager, EOSConfig, EOSObjective, eos_scores
 from .inference import (ActingSpec, Reasoner, action_statistics, dataset_statistics_of, observation_sample,
                             parse_reasoning, unnormalize_actions)
 
@@ -41,54 +41,37 @@ def fsync_tree(root: Path, recursive: bool = True):
             os.close(fd)
 
 
+# policy_config.json keys of the action head before its section (`action_head`): old name -> ActionHeadConfig field
+_FLAT_HEAD_KEYS = dict(action_dim="action_dim", chunk_len="chunk_len", state_dim="state_dim",
+                       action_hidden_size="hidden_size", action_num_layers="num_layers", action_num_heads="num_heads",
+                       num_inference_steps="num_inference_steps", noise_beta_alpha="noise_beta_alpha",
+                       noise_beta_beta="noise_beta_beta", noise_s="noise_s")
+
+
 class ECoTPolicy(nn.Module):
     "Qwen3-VL backbone + flow-matching DiT action head; `forward(batch)` -> losses, `predict_action` -> actions."
 
-    def __init__(self, vlm: Qwen3VLForConditionalGeneration, action_dim: int = 7, chunk_len: int = 8,
-                 state_dim: int = 0, vlm_hidden_layer: int = -1, action_hidden_size: int = 128,
-                 action_num_layers: int = 2, action_num_heads: int = 4, num_inference_steps: int = 4,
-                 noise_beta_alpha: float = 1.5, noise_beta_beta: float = 1.0, noise_s: float = 0.999,
+    def __init__(self, vlm: Qwen3VLForConditionalGeneration,
+                 action_head: ActionHeadConfig | Mapping = ActionHeadConfig(), vlm_hidden_layer: int = -1,
                  repeated_diffusion_steps: int = 4, compute_language_loss: bool = True,
                  vlm_loss_weight: float = 0.1, seed: int = 0, processor=None,
                  acting: Optional[ActingSpec | Mapping] = None, dataset_statistics: Optional[dict] = None,
-                 use_eos_classification: bool = False, eos_loss: str = "buffer", eos_buffer_capacity: int = 50,
-                 eos_sample_positive: int = 15, eos_sample_negative: int = 20, eos_min_positive: int = 15,
-                 eos_min_negative: int = 20, eos_hidden_dim: int = 1024, eos_dropout: float = 0.1,
-                 lambda_eos: float = 2.0, eos_threshold: float = 0.5, eos_pos_weight: float = 10.0,
-                 eos_focal_alpha: float = 0.25, eos_focal_gamma: float = 2.0, eos_input: str = "predicted"):
+                 eos: Optional[EOSConfig | Mapping] = None):
+        """`action_head` and `eos`: the heads' sections (`ActionHeadConfig.from_section(framework.action_model)`,
+        `EOSConfig.from_section(...)`; eos None: no EOS head), saved by `save_pretrained` in `policy_config.json`."""
         super().__init__()
-        if eos_input not in ("predicted", "clean", "noisy"):
-            raise ValueError(f"eos_input = {eos_input!r}: expected 'predicted' (action head at t = 1 on the chunk the "
-                             "policy predicts, as at inference), 'clean' (at the true chunk) "
-                             "or 'noisy' (the flow-matching pass's hidden states)")
-        eos_kwargs = dict(eos_loss=eos_loss, eos_buffer_capacity=eos_buffer_capacity,
-                          eos_sample_positive=eos_sample_positive, eos_sample_negative=eos_sample_negative,
-                          eos_min_positive=eos_min_positive, eos_min_negative=eos_min_negative,
-                          eos_hidden_dim=eos_hidden_dim, eos_dropout=eos_dropout, lambda_eos=lambda_eos,
-                          eos_threshold=eos_threshold, eos_pos_weight=eos_pos_weight,
-                          eos_focal_alpha=eos_focal_alpha, eos_focal_gamma=eos_focal_gamma, eos_input=eos_input)
-        self.hparams = dict(action_dim=action_dim, chunk_len=chunk_len, state_dim=state_dim,
-                            vlm_hidden_layer=vlm_hidden_layer, action_hidden_size=action_hidden_size,
-                            action_num_layers=action_num_layers, action_num_heads=action_num_heads,
-                            num_inference_steps=num_inference_steps, noise_beta_alpha=noise_beta_alpha,
-                            noise_beta_beta=noise_beta_beta, noise_s=noise_s,
-                            repeated_diffusion_steps=repeated_diffusion_steps,
-                            compute_language_loss=compute_language_loss, vlm_loss_weight=vlm_loss_weight, seed=seed,
-                            use_eos_classification=use_eos_classification, **eos_kwargs)
+        eos = EOSConfig(**eos) if isinstance(eos, Mapping) else eos
+        head = ActionHeadConfig(**action_head) if isinstance(action_head, Mapping) else action_head
+        # the policy's own hyper-parameters (the heads' sections are saved beside them)
+        self.hparams = dict(vlm_hidden_layer=vlm_hidden_layer, repeated_diffusion_steps=repeated_diffusion_steps,
+                            compute_language_loss=compute_language_loss, vlm_loss_weight=vlm_loss_weight, seed=seed)
         self.backbone = QwenVLBackbone(vlm, hidden_layer=vlm_hidden_layer)
         with torch.random.fork_rng(devices=[]):  # seeded head init, global RNG untouched
             torch.manual_seed(seed)
-            self.action_head = FlowMatchingActionHead(
-                self.backbone.hidden_size, action_dim=action_dim, chunk_len=chunk_len, state_dim=state_dim,
-                hidden_size=action_hidden_size, num_layers=action_num_layers, num_heads=action_num_heads,
-                num_inference_steps=num_inference_steps, noise_beta_alpha=noise_beta_alpha,
-                noise_beta_beta=noise_beta_beta, noise_s=noise_s)
+            self.action_head = FlowMatchingActionHead(self.backbone.hidden_size, head)
             # after the action head, so turning EOS on leaves the action head's initialisation unchanged
-            self.eos = (EOSObjective(action_hidden_size, eos_hidden_dim, eos_dropout, eos_loss, eos_buffer_capacity,
-                                     eos_sample_positive, eos_sample_negative, eos_min_positive, eos_min_negative,
-                                     eos_pos_weight, eos_focal_alpha, eos_focal_gamma, eos_threshold, seed)
-                        if use_eos_classification else None)
-        self.lambda_eos, self.eos_input = lambda_eos, eos_input
+            # (its section, calibrated threshold included, is saved as `eos` in policy_config.json)
+            self.eos = EOSObjective(head.hidden_size, eos, seed) if eos is not None else None
         self.repeated_diffusion_steps, self.compute_language_loss = repeated_diffusion_steps, compute_language_loss
         self.vlm_loss_weight = vlm_loss_weight
         self.processor, self.dataset_statistics = processor, dataset_statistics
@@ -148,7 +131,7 @@ class ECoTPolicy(nn.Module):
             out.update(metrics)
             if eos_loss is not None:
                 out["eos_loss"] = eos_loss
-                total = total + self.lambda_eos * eos_loss
+                total = total + self.eos.config.weight * eos_loss
         out["total_loss"] = total
         return out
 
@@ -171,14 +154,14 @@ class ECoTPolicy(nn.Module):
         if batch.get("action_mask") is not None:
             mask = mask & batch["action_mask"].bool()
         B = batch["actions"].shape[0]
-        if self.eos_input == "noisy":
+        if self.eos.config.input == "noisy":
             # action_hidden is (R·B, chunk, hidden), repeat r of sample b at row r·B + b: the first repeat (rows
             # 0..B-1) lines up with the labels; each frame then counts once, and the buffer holds distinct frames
             hidden = action_hidden[:B]
         else:  # buffer: the head's gradient comes from re-run buffered states, so this pass needs no graph
             states = batch.get("states")
             chunk = batch["actions"]
-            if self.eos_input == "predicted":  # the chunk inference hands the head: denoised from the same columns
+            if self.eos.config.input == "predicted":  # the chunk inference hands the head: denoised from the same columns
                 with torch.no_grad():
                     chunk = self.action_head.predict_action(vlm_hidden.detach(), batch["attention_mask"], states)
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.eos.loss_type != "buffer"):
@@ -227,7 +210,7 @@ class ECoTPolicy(nn.Module):
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
         if len(seeds) != B:
             raise ValueError(f"seed: {len(seeds)} seeds for {B} observations")
-        shape = (self.hparams["chunk_len"], self.hparams["action_dim"])
+        shape = (self.action_head.chunk_len, self.action_head.action_dim)
         noise = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         was_training = self.training  # (switching modes walks every module: a few ms, so only when needed)
         if was_training:
@@ -261,7 +244,7 @@ class ECoTPolicy(nn.Module):
         if self.processor is None:
             raise ValueError("predict_action needs the policy's processor (saved with it by save_pretrained): pass "
                              "processor= to ECoTPolicy.build or from_pretrained")
-        state_dim = self.hparams["state_dim"]
+        state_dim = self.action_head.state_dim
         stats = dataset_statistics_of(self.dataset_statistics, unnorm_key) if self.dataset_statistics else {}
         if state_dim and "state" not in stats:
             raise ValueError("this policy reads the robot state but has no `state` statistics to normalise it with "
@@ -308,7 +291,8 @@ class ECoTPolicy(nn.Module):
             vlm = self.backbone.vlm
             self.backbone.vlm.config.save_pretrained(tmp / "vlm")
             acting = self.acting if stage is None else replace(self.acting, stage=stage)
-            cfg = dict(self.hparams, acting=acting.to_dict(), attn_implementation=vlm.config._attn_implementation,
+            cfg = dict(self.hparams, action_head=self.action_head.config.to_dict(),
+                       eos=None if self.eos is None else self.eos.config.to_dict(), acting=acting.to_dict(), attn_implementation=vlm.config._attn_implementation,
                        dtypes={"vlm": str(vlm.dtype).removeprefix("torch."),
                                "action_head": str(next(self.action_head.parameters()).dtype).removeprefix("torch.")})
             (tmp / "policy_config.json").write_text(json.dumps(cfg, indent=2))
@@ -338,6 +322,12 @@ class ECoTPolicy(nn.Module):
         dtypes = cfg.pop("dtypes", {})
         attn = resolve_attn_implementation(attn_implementation or cfg.pop("attn_implementation", "sdpa"))
         cfg.pop("attn_implementation", None)
+        if "action_head" not in cfg:  # saved before the action head's section: its flat keys
+            cfg["action_head"] = {new: cfg.pop(old) for old, new in _FLAT_HEAD_KEYS.items() if old in cfg}
+        if "eos" not in cfg:  # saved before the EOS section: its flat framework.action_model keys
+            cfg["eos"] = EOSConfig.from_section(cfg)
+            for k in EOSConfig.section_keys():
+                cfg.pop(k, None)
         vlm = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig.from_pretrained(str(path / "vlm")),
                                                            attn_implementation=attn)
         if processor is None and (path / "processor").is_dir():

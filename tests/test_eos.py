@@ -10,11 +10,6 @@ from ecot.eos import EOSBufferManager, EOSHead, EOSLabeler, eos_metrics
 from ecot.reasoning import ReasoningLookup
 from ecot.synthetic import embedded_dataset, episode_specs
 
-EOS_KEYS = ("use_eos_classification", "eos_loss", "eos_buffer_capacity", "eos_sample_positive", "eos_sample_negative",
-            "eos_min_positive", "eos_min_negative", "eos_hidden_dim", "eos_dropout", "lambda_eos", "eos_threshold",
-            "eos_pos_weight", "eos_focal_alpha", "eos_focal_gamma")
-
-
 # ---------------------------------------------------------------- buffer
 def _rows(ids):
     "Hidden rows whose first column is an id, to see which rows the buffer keeps and samples."
@@ -113,11 +108,10 @@ def test_dataset_samples_carry_the_labels(embedded):
 
 # ---------------------------------------------------------------- in the policy, trained
 def _eos_run(overrides):
-    "A Run of the embedded default with the EOS head on (the policy rebuilt with the EOS keys until build.py passes them)."
+    "A Run of the embedded default with the EOS head on."
     from ecot.build import (Run, build_collator, build_dataset, build_loader, build_policy, build_processor,
                             plain_statistics)
     from ecot.config import load_config
-    from ecot.policy import ECoTPolicy
     from ecot.trainer import seed_everything
     cfg = load_config("tiny", ["framework.action_model.use_eos_classification=true"] + overrides)
     seed_everything(cfg.seed)
@@ -126,10 +120,7 @@ def _eos_run(overrides):
     col = build_collator(cfg, proc)
     stats = plain_statistics(ds.statistics)
     pol = build_policy(cfg, proc, stats)
-    if pol.eos is None:
-        am = cfg.framework.action_model
-        pol = ECoTPolicy(pol.backbone.vlm, processor=proc, acting=pol.acting, dataset_statistics=stats,
-                         **{**pol.hparams, **{k: getattr(am, k) for k in EOS_KEYS}})
+    assert pol.eos is not None
     return Run(cfg, ds, build_loader(cfg, ds), proc, col, pol)
 
 
@@ -166,7 +157,7 @@ def test_policy_eos_head_gets_gradients_through_the_buffer():
         assert "eos_loss" not in out
     assert out["eos_ready"] == 1.0 and out["eos_buffer_pos"] >= 2 and out["eos_buffer_neg"] >= 4
     torch.testing.assert_close(out["total_loss"], out["action_loss"] + pol.vlm_loss_weight * out["vlm_loss"]
-                               + pol.lambda_eos * out["eos_loss"])
+                               + pol.eos.config.weight * out["eos_loss"])
     pol.zero_grad()
     out["total_loss"].backward()
     for n, p in pol.eos.named_parameters():

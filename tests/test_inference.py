@@ -141,9 +141,11 @@ def test_cuda_graphs_act_like_eager(processor):
     "On CUDA the captured column and act graphs give eager's tokens and actions, on every shape and on replays."
     from ecot.build import compile_model
     from ecot.policy import ECoTPolicy
+    from ecot.eos import EOSConfig
+    from ecot.action_head import ActionHeadConfig
     stats = {"bridge": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7}, "state": {"q01": [-1.0] * 7, "q99": [1.0] * 7}}}
-    pol = ECoTPolicy.build("tiny", processor, action_dim=7, chunk_len=4, state_dim=7, action_hidden_size=32,
-                           action_num_layers=1, dataset_statistics=stats, use_eos_classification=True,
+    pol = ECoTPolicy.build("tiny", processor, 
+                           action_head=ActionHeadConfig(action_dim=7, chunk_len=4, state_dim=7, hidden_size=32, num_layers=1), dataset_statistics=stats, eos=EOSConfig(),
                            acting=ActingSpec(stage=2, image_size=(64, 64), max_new_tokens=12)).cuda().eval()
     compile_model(pol, True)  # as ecot-train builds it on CUDA: compiled decoder layers and DiT blocks
     frame = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)

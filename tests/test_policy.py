@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ecot.action_head import ActionHeadConfig
 from ecot.backbone import QwenVLBackbone, build_qwen3vl
 from ecot.testing import compare_latent_to_reference, float64_rmsnorm, loop_latent_forward, toy_batch
 from ecot.policy import ECoTPolicy
@@ -127,7 +128,7 @@ def test_stage0_equals_transformers_forward():
 
 
 def _policy(**kw):
-    args = dict(action_dim=7, chunk_len=4, state_dim=7, action_hidden_size=64, action_num_layers=2,
+    args = dict(action_head=ActionHeadConfig(action_dim=7, chunk_len=4, state_dim=7, hidden_size=64, num_layers=2),
                 repeated_diffusion_steps=8, vlm_loss_weight=0.5)
     args.update(kw)
     return ECoTPolicy.build("tiny", ToyTok(), **args)
@@ -192,8 +193,9 @@ FRAME = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
 
 def _acting_policy(processor, stage=2, **kw):
     from ecot.inference import ActingSpec
-    return ECoTPolicy.build("tiny", processor, action_dim=7, chunk_len=4, state_dim=7, action_hidden_size=32,
-                            action_num_layers=1, dataset_statistics=STATS, seed=1,
+    return ECoTPolicy.build("tiny", processor, 
+                            action_head=ActionHeadConfig(action_dim=7, chunk_len=4, state_dim=7, hidden_size=32, num_layers=1),
+                            dataset_statistics=STATS, seed=1,
                             acting=ActingSpec(stage=stage, image_size=(64, 64), max_new_tokens=5), **kw)
 
 

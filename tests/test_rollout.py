@@ -20,13 +20,15 @@ def saved_policy(tmp_path_factory):
     import torch
     from ecot.inference import ActingSpec
     from ecot.policy import ECoTPolicy
+    from ecot.eos import EOSConfig
+    from ecot.action_head import ActionHeadConfig
     from ecot.processor import load_processor
     torch.manual_seed(0)
     stats = {"bridge": {"action": {"q01": [-0.03] * 6 + [0.0], "q99": [0.03] * 6 + [1.0]},
                         "state": {"q01": [0.1, -0.25, 0.0, -0.1, -0.1, -0.3, 0.0],
                                   "q99": [0.6, 0.25, 0.15, 0.1, 0.1, 0.3, 1.0]}}}
-    pol = ECoTPolicy.build("tiny", load_processor("tiny"), action_dim=7, chunk_len=4, state_dim=7, action_hidden_size=32,
-                           action_num_layers=1, dataset_statistics=stats, use_eos_classification=True, eos_hidden_dim=16,
+    pol = ECoTPolicy.build("tiny", load_processor("tiny"), 
+                           action_head=ActionHeadConfig(action_dim=7, chunk_len=4, state_dim=7, hidden_size=32, num_layers=1), dataset_statistics=stats, eos=EOSConfig(hidden_dim=16),
                            acting=ActingSpec(stage=2, image_size=(64, 64), max_new_tokens=6))
     return pol.save_pretrained(tmp_path_factory.mktemp("run") / "policy")
 
