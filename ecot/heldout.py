@@ -22,8 +22,8 @@ from .inference import dataset_statistics_of
 from .transforms import normalize_bounds_q99
 
 # %% auto #0
-__all__ = ['EOS_BINS', 'heldout_samples', 'mean_action', 'heldout_sums', 'heldout_metrics', 'evaluate_policy', 'eos_bin_counts',
-           'best_eos_threshold', 'calibrate_eos']
+__all__ = ['EOS_BINS', 'heldout_samples', 'mean_action', 'eos_targets', 'heldout_sums', 'heldout_metrics', 'evaluate_policy',
+           'eos_bin_counts', 'best_eos_threshold', 'calibrate_eos']
 
 # %% ../nbs/21_heldout.ipynb #9740bbd6
 def heldout_samples(dataset, n: int, stride: int = 1) -> list[dict]:
@@ -41,6 +41,13 @@ def mean_action(statistics: Mapping, unnorm_key: Optional[str] = None) -> np.nda
 # %% ../nbs/21_heldout.ipynb #effe0515
 def _to(batch: Mapping, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def eos_targets(chunk: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray]:
+    "(substep-end labels, labelled) of frames' action steps, both (B, chunk_len) bool: labelled = eos_mask & real step."
+    y = np.stack([c["eos"] for c in chunk]) > 0.5
+    labelled = np.stack([c["eos_mask"] for c in chunk]).astype(bool) & np.stack([c["action_mask"] for c in chunk]).astype(bool)
+    return y, labelled
 
 
 @torch.no_grad()
@@ -85,8 +92,7 @@ def heldout_sums(policy, samples: Sequence[Mapping], indices: Sequence[int], bat
                     s[f"tag_correct/{tag}"] += said.get(tag, "").strip() == gold.strip()
         if "eos_probs" in act and all(c.get("eos") is not None for c in chunk):
             yes = act["eos_probs"] >= threshold
-            y = np.stack([c["eos"] for c in chunk]) > 0.5
-            labelled = np.stack([c["eos_mask"] for c in chunk]).astype(bool) & real
+            y, labelled = eos_targets(chunk)
             for k, v in (("tp", yes & y), ("fp", yes & ~y), ("fn", ~yes & y), ("tn", ~yes & ~y)):
                 s[f"eos_{k}_count"] += (v & labelled).sum()
         s["samples"] += len(chunk)
@@ -195,8 +201,7 @@ def calibrate_eos(policy, samples: Sequence[Mapping], batch_size: int = 16, seed
         if not all(c.get("eos") is not None for c in chunk):
             continue
         act = policy.act_on(policy.prompt_batch(chunk), seed=[seed * 1_000_003 + i + k for k in range(len(chunk))])
-        keep = np.stack([c["eos_mask"] for c in chunk]).astype(bool) & np.stack([c["action_mask"] for c in chunk]).astype(bool)
-        y = np.stack([c["eos"] for c in chunk]) > 0.5
+        y, keep = eos_targets(chunk)
         counts += eos_bin_counts(act["eos_probs"][keep], y[keep])
     if reduce is not None and world > 1:
         counts = reduce(torch.tensor(counts, dtype=torch.float64, device=policy.device)).cpu().numpy()
