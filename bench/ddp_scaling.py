@@ -1,5 +1,5 @@
 """Data-parallel scaling of training: samples/s on N processes / (N x samples/s on one), measured with the trainer of
-`nbs/train.ipynb` (`ecot.build.main`, what `ecot-train` runs) under `accelerate launch` with DDP, plus the share of
+`nbs/train.ipynb` (`ecot.run.main`, what `ecot-train` runs) under `accelerate launch` with DDP, plus the share of
 each step spent waiting for data. Throughput is the median `samples_per_s` of the logged windows after `--skip`
 steps (compilation and warm-up excluded), read from each run's `metrics.jsonl`.
 
@@ -53,7 +53,7 @@ def summary(run_dir: Path, skip: int) -> dict:
 
 def main():
     if "--worker" in sys.argv:
-        from ecot.build import main as train
+        from ecot.run import main as train
         train([x for x in sys.argv[1:] if x != "--worker"])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,7 +1,7 @@
 """Latent-forward overhead: full policy training step (VLM + action head + AdamW) at n thinking tokens,
 divided by the stage-0 step on the same model, batch and sequence — for the project's KV-cache latent path
 (lean one-column passes), the Coconut-style loop (one full `language_model` call per column on a growing
-`DynamicCache`, `ecot.testing.loop_latent_forward`) and the naive full recompute per pass, plus peak-memory ratios.
+`DynamicCache`, `ecot.reference.loop_latent_forward`) and the naive full recompute per pass, plus peak-memory ratios.
 All numbers are ratios measured in one run.
 
     python bench/latent_overhead.py                      # 2B-shaped Qwen3-VL (random weights), bf16, GPU
@@ -16,8 +16,8 @@ import types
 import torch
 
 from ecot.backbone import QwenVLBackbone, build_qwen3vl, tiny_qwen3vl_config
-from ecot.testing import (ToyTokenizer, compare_latent_to_reference, float64_rmsnorm, loop_latent_forward,
-                          reference_latent_forward, toy_batch)
+from ecot.reference import compare_latent_to_reference, loop_latent_forward, reference_latent_forward
+from ecot.testing import ToyTokenizer, float64_rmsnorm, toy_batch
 from ecot.action_head import ActionHeadConfig
 from ecot.policy import ECoTPolicy
 from transformers import Qwen3VLForConditionalGeneration
@@ -133,7 +133,7 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-naive", action="store_true", help="skip the naive full-recompute reference")
-    ap.add_argument("--no-loop", action="store_true", help="skip the Coconut-style loop (ecot.testing.loop_latent_forward)")
+    ap.add_argument("--no-loop", action="store_true", help="skip the Coconut-style loop (ecot.reference.loop_latent_forward)")
     ap.add_argument("--eager", action="store_true", help="column passes without torch.compile (compile_columns=False)")
     ap.add_argument("--compile-layers", action="store_true",
                     help="also torch.compile every decoder layer and vision block (speeds up the stage-0 step too)")

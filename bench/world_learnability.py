@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Does a policy trained on the embedded world need what it sees and reads? A study on the held-out split.
 
-Builds a run exactly as `ecot-train --config tiny` does (`ecot.build.run_config` + `build_run`: the embedded
+Builds a run exactly as `ecot-train --config tiny` does (`ecot.build.run_config` + `ecot.run.build_run`: the embedded
 synthetic dataset, the tiny Qwen3-VL, the processor trained on the reasoning corpus), trains it for `--steps`
 optimizer steps in this process, then measures on every frame of the VALIDATION split:
 
@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ecot import synthetic as syn  # noqa: E402
-from ecot.build import build_dataset, build_run, run_config  # noqa: E402
+from ecot.build import build_dataset, run_config  # noqa: E402
+from ecot.run import build_run  # noqa: E402
 
 
 def log(*a):

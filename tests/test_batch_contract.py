@@ -1,6 +1,6 @@
 """The batch contract (`ecot.collate.Batch`, `PromptBatch`, `check_batch`): the collator's output passes at stage 0 and
 at latent stages, with and without robot state and EOS labels; each kind of mistake fails with a message naming the
-key, what was found and what was expected. The contract itself is documented in nbs/07_collate.ipynb."""
+key, what was found and what was expected. The contract itself is documented in nbs/12_collate.ipynb."""
 import numpy as np
 import pytest
 import torch

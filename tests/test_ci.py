@@ -1,4 +1,4 @@
-"CI's own checks: the README's test command is what CI runs, and the sync check catches a notebook edited without re-export."
+"CI's own checks: the README's test command is what CI runs, the sync check catches a notebook edited without re-export, and notebooks are numbered in reading order."
 import json
 import os
 import shutil
@@ -60,3 +60,27 @@ def test_sync_check_fails_on_uncleaned_outputs(tmp_path):
     _commit(repo, "commit an uncleaned notebook")
     res = _sync(repo)
     assert res.returncode != 0 and "nbs/00_config.ipynb" in res.stdout, res.stdout
+
+
+def _notebook_imports() -> tuple[dict[str, str], dict[str, set[str]]]:
+    "(module -> the numbered notebook exporting it, notebook -> the ecot modules its cells import), from nbs/."
+    import re
+    owner, uses = {}, {}
+    for nb in sorted((ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")):
+        cells = ["".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+        for s in cells:
+            if m := re.search(r"#\|\s*default_exp\s+(\w+)", s):
+                owner[m.group(1)] = nb.stem
+        uses[nb.stem] = {m.group(1) for s in cells for m in re.finditer(r"(?:from|import)\s+ecot\.(\w+)", s)}
+    return owner, uses
+
+
+def test_notebooks_are_numbered_in_reading_order():
+    "Every numbered notebook (exported code and tests alike) imports only modules of lower-numbered notebooks."
+    owner, uses = _notebook_imports()
+    assert len(owner) >= 30 and len(set(owner.values())) == len(owner), owner  # one module per notebook
+    later = {nb: sorted(f"{m} ({owner[m]})" for m in mods if m in owner and owner[m] > nb)
+             for nb, mods in uses.items()}
+    later = {nb: v for nb, v in later.items() if v}
+    assert not later, f"notebooks importing a later module: {later}"
+    assert all(m in owner for mods in uses.values() for m in mods if m != "_modidx"), uses

@@ -1,5 +1,5 @@
 """Collator properties on random ragged batches (hypothesis), the real-processor loading path, and M-RoPE
-position ids against transformers' own Qwen3VLModel. The exact per-stage masks live in nbs/07_collate.ipynb."""
+position ids against transformers' own Qwen3VLModel. The exact per-stage masks live in nbs/12_collate.ipynb."""
 import json
 import string
 

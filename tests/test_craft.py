@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ecot.build import build_run
+from ecot.run import build_run
 from ecot.config import load_config, with_stage
 from ecot.craft import CRaFT, CRaFTHook, DualVariable, FrozenReference, PolicyRetentionFeatures, retention_loss
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ecot.eos import EOSBufferManager, EOSHead, EOSLabeler, eos_metrics
+from ecot.eos import EOSBufferManager, EOSHead, eos_metrics
+from ecot.eos_labels import EOSLabeler
 from ecot.reasoning import ReasoningLookup
 from ecot.synthetic import embedded_dataset, episode_specs
 
@@ -109,7 +110,8 @@ def test_dataset_samples_carry_the_labels(embedded):
 # ---------------------------------------------------------------- in the policy, trained
 def _eos_run(overrides):
     "A Run of the embedded default with the EOS head on."
-    from ecot.build import (Run, build_collator, build_dataset, build_loader, build_policy, build_processor,
+    from ecot.run import Run
+    from ecot.build import (build_collator, build_dataset, build_loader, build_policy, build_processor,
                             plain_statistics)
     from ecot.config import load_config
     from ecot.trainer import seed_everything

@@ -224,7 +224,8 @@ def test_an_exception_mid_run_saves_an_emergency_checkpoint_then_raises(tmp_path
 
 
 def test_bad_inputs_fail_before_the_first_step():
-    from ecot.build import build_run, run_config
+    from ecot.build import run_config
+    from ecot.run import build_run
     with pytest.raises(ValueError, match="stage = 'two'"):
         run_config("tiny", "two")
     cfg = run_config("tiny", 0, ["framework.action_model.action_dim=6", "datasets.vla_data.ecot.action_dim=6"])
@@ -300,7 +301,8 @@ def test_the_dataset_fingerprint_sees_a_change_anywhere_in_a_shard(tmp_path):
 
 def test_a_reasoning_json_that_matches_no_episode_fails_before_training(tmp_path):
     "0% coverage (the JSON's file paths are another copy's) is an error naming the file and both sides' keys."
-    from ecot.build import build_dataset, build_run, run_config
+    from ecot.build import build_dataset, run_config
+    from ecot.run import build_run
     src = build_dataset(run_config("tiny", 0)).reasoning_json
     moved = {k.replace("/synthetic/", "/elsewhere/"): v for k, v in json.loads(src.read_text()).items()}
     bad = tmp_path / "other_copy.json"

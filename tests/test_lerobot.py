@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ecot.build import build_run, data_root
+from ecot.build import data_root
+from ecot.run import build_run
 from ecot.config import load_config, with_stage
 from ecot.dataset import ECoTRLDSDataset
 from ecot.lerobot import INFO_PATH, VIDEO_PATH, LeRobotECoTDataset, LeRobotFormatError, LeRobotV3

@@ -13,7 +13,8 @@ import torch
 
 from ecot.action_head import ActionHeadConfig
 from ecot.backbone import QwenVLBackbone, build_qwen3vl
-from ecot.testing import compare_latent_to_reference, float64_rmsnorm, loop_latent_forward, toy_batch
+from ecot.reference import compare_latent_to_reference, loop_latent_forward
+from ecot.testing import float64_rmsnorm, toy_batch
 from ecot.policy import ECoTPolicy
 
 
@@ -65,7 +66,7 @@ EXACT_CASES = {
 @pytest.mark.parametrize("impl", ["columns", "loop"])
 @pytest.mark.parametrize("case", list(EXACT_CASES))
 def test_latent_forward_equals_naive_reference(case, impl):
-    "KV-cache latent forward (and the Coconut-style loop of ecot.testing) == full recompute per column (float64)."
+    "KV-cache latent forward (and the Coconut-style loop of ecot.reference) == full recompute per column (float64)."
     spec = EXACT_CASES[case]
     bb = _float64_backbone(spec.get("hidden_layer", -1), spec.get("attn", "sdpa"), spec.get("dtype", torch.float64),
                            **spec.get("tiny", {}))

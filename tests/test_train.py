@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ecot.build import build_run
+from ecot.run import build_run
 from ecot.config import load_config, with_stage
 from ecot.trainer import checkpoints, read_metrics
 
@@ -74,7 +74,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
 
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
-        from ecot.build import build_run
+        from ecot.run import build_run
         from ecot.config import load_config, with_stage
         cfg = with_stage(load_config("tiny", ["trainer.max_train_steps=500", "trainer.logging_frequency=1",
                                               "wandb_mode=disabled", "datasets.vla_data.per_device_batch_size=2"]), 0)
