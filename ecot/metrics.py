@@ -45,7 +45,8 @@ class MetricsWindow:
                derive: Optional[Callable[[dict], dict]] = None) -> dict:
         """The window's record: `head` (step, stage, ...), then each metric's mean over the window averaged across the
         `world` ranks (`reduce_sum` sums a tensor over them; None: one process), `*_count` metrics summed over both,
-        `derive(record)`'s rates made from those sums, and `samples_per_s` over all ranks."""
+        `derive(record)`'s rates made from those sums, and the window's samples (`window_samples`) and `samples_per_s` over
+        all ranks."""
         keys = sorted(self.values)
         counts = torch.tensor([k.endswith("_count") for k in keys], device=device)
         local = torch.tensor([sum(self.values[k]) / (1 if k.endswith("_count") else len(self.values[k])) for k in keys]
@@ -57,6 +58,7 @@ class MetricsWindow:
         rec.update({k: float(v) for k, v in zip(keys, local[:-1].tolist())})
         if derive is not None:
             rec.update(derive(rec))
+        rec["window_samples"] = int(local[-1])
         rec["samples_per_s"] = float(local[-1]) / max(time.perf_counter() - self.start, 1e-9)
         return rec
 

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from fastcore.basics import patch
 from safetensors.torch import load_model, save_model
+from torch._dynamo.utils import counters as dynamo_counters
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -370,357 +372,405 @@ class Trainer:
         "The first of the trainer's hooks of type `kind` (None when it has none)."
         return next((h for h in self.hooks if isinstance(h, kind)), None)
 
-    # -- state ---------------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {"step": self.step, "stage": self.stage, "batches_consumed": self.batches_consumed,
-                "epoch": self.epoch, "epoch_batches": self.epoch_batches, "nonfinite_steps": self.nonfinite_steps, "wandb_id": self.wandb_id,
-                "world_size": self.acc.num_processes}
+# %% ../nbs/23_trainer.ipynb #9798c4ea
+# -- state ---------------------------------------------------------------------------------
+@patch
+def state(self: Trainer) -> dict:
+    return {"step": self.step, "stage": self.stage, "batches_consumed": self.batches_consumed,
+            "epoch": self.epoch, "epoch_batches": self.epoch_batches, "nonfinite_steps": self.nonfinite_steps, "wandb_id": self.wandb_id,
+            "world_size": self.acc.num_processes}
 
-    def save_checkpoint(self) -> Path:
-        """Write a complete checkpoint for the current step (temporary directory, completion marker last, fsync,
-        rename, then `latest`); keep the last K. Refuses non-finite weights: a NaN never becomes a checkpoint."""
-        bad = [n for n, p in self.acc.unwrap_model(self.model).named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise NonFiniteWeightsError(f"step {self.step}: non-finite weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
-                                        "no checkpoint written (the last complete one is kept)")
-        final = self.ckpt_root / f"step_{self.step:06d}"
-        tmp = self.ckpt_root / f".tmp_step_{self.step:06d}"
-        rank = self.acc.process_index
-        if self.acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.acc.wait_for_everyone()
-        torch.save(rng_state(), tmp / f"rng_{rank}.pt")
-        if self.acc.is_main_process:
-            save_model(self.acc.unwrap_model(self.model), str(tmp / "model.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(self.extras_state(), tmp / "extras.pt")
-            save_config(self.cfg, tmp / "config.yaml")
-            if self.stats is not None:
-                write_json(self.stats, tmp / "dataset_statistics.json")
-            write_json(self.state(), tmp / STATE_FILE)
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            fsync_tree(tmp)
-            write_atomic(f"step {self.step}\n", tmp / COMPLETE)  # last: the checkpoint is whole
-            if final.exists():  # the same step saved again (a stop, then the end of the run)
-                delete_checkpoint(final)
-            os.replace(tmp, final)
-            fsync_tree(self.ckpt_root, recursive=False)
-            write_atomic(final.name + "\n", self.ckpt_root / "latest")
-            for old in checkpoints(self.ckpt_root)[:-self.cfg.trainer.keep_last_checkpoints]:
-                if old != final:
-                    delete_checkpoint(old)
-        self.acc.wait_for_everyone()
-        return final
 
-    def extras_state(self) -> dict:
-        "What a checkpoint's `extras.pt` holds: each extra's `state_dict()` under its name, and the hooks' named entries."
-        state = {k: v.state_dict() for k, v in self.extras.items()}
-        for h in self.hooks:
-            entries = h.state_dict()
-            if set(entries) & set(state):
-                raise ValueError(f"{type(h).__name__} saves {sorted(set(entries) & set(state))} in extras.pt, which "
-                                 "another hook or an extra saves too: give each one name")
-            state.update(entries)
-        return state
+@patch
+def save_checkpoint(self: Trainer) -> Path:
+    """Write a complete checkpoint for the current step (temporary directory, completion marker last, fsync,
+    rename, then `latest`); keep the last K. Refuses non-finite weights: a NaN never becomes a checkpoint."""
+    bad = [n for n, p in self.acc.unwrap_model(self.model).named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteWeightsError(f"step {self.step}: non-finite weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                                    "no checkpoint written (the last complete one is kept)")
+    final = self.ckpt_root / f"step_{self.step:06d}"
+    tmp = self.ckpt_root / f".tmp_step_{self.step:06d}"
+    rank = self.acc.process_index
+    if self.acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    self.acc.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng_{rank}.pt")
+    if self.acc.is_main_process:
+        save_model(self.acc.unwrap_model(self.model), str(tmp / "model.safetensors"))
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(self.extras_state(), tmp / "extras.pt")
+        save_config(self.cfg, tmp / "config.yaml")
+        if self.stats is not None:
+            write_json(self.stats, tmp / "dataset_statistics.json")
+        write_json(self.state(), tmp / STATE_FILE)
+    self.acc.wait_for_everyone()
+    if self.acc.is_main_process:
+        fsync_tree(tmp)
+        write_atomic(f"step {self.step}\n", tmp / COMPLETE)  # last: the checkpoint is whole
+        if final.exists():  # the same step saved again (a stop, then the end of the run)
+            delete_checkpoint(final)
+        os.replace(tmp, final)
+        fsync_tree(self.ckpt_root, recursive=False)
+        write_atomic(final.name + "\n", self.ckpt_root / "latest")
+        for old in checkpoints(self.ckpt_root)[:-self.cfg.trainer.keep_last_checkpoints]:
+            if old != final:
+                delete_checkpoint(old)
+    self.acc.wait_for_everyone()
+    return final
 
-    def load_checkpoint(self, ckpt: Path, restore_rng: bool = True):
-        "Restore weights, optimizer, scheduler, extras, hooks and counters from `ckpt` (RNG too unless told not to)."
-        # accelerate's CPU processes are on "cpu:0", which safetensors and torch.load refuse: load to plain "cpu"
-        dev = torch.device("cpu") if self.acc.device.type == "cpu" else self.acc.device
-        load_model(self.acc.unwrap_model(self.model), str(ckpt / "model.safetensors"), device=str(dev))
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=dev, weights_only=False))
-        self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-        extras = torch.load(ckpt / "extras.pt", map_location=dev, weights_only=False)
-        for k, v in self.extras.items():
-            if k in extras:
-                v.load_state_dict(extras[k])
-        for h in self.hooks:
-            h.load_state_dict(extras)
-        s = json.loads((ckpt / STATE_FILE).read_text())
-        self.step, self.stage, self.batches_consumed = s["step"], s["stage"], s["batches_consumed"]
-        self.epoch, self.nonfinite_steps, self.wandb_id = s["epoch"], s["nonfinite_steps"], s.get("wandb_id")
-        self.epoch_batches = s.get("epoch_batches")  # None in checkpoints from before the cursor: replayed
-        if restore_rng:
-            set_rng_state(torch.load(ckpt / f"rng_{self.acc.process_index}.pt", weights_only=False))
+# %% ../nbs/23_trainer.ipynb #bdfd7a07
+@patch
+def extras_state(self: Trainer) -> dict:
+    "What a checkpoint's `extras.pt` holds: each extra's `state_dict()` under its name, and the hooks' named entries."
+    state = {k: v.state_dict() for k, v in self.extras.items()}
+    for h in self.hooks:
+        entries = h.state_dict()
+        if set(entries) & set(state):
+            raise ValueError(f"{type(h).__name__} saves {sorted(set(entries) & set(state))} in extras.pt, which "
+                             "another hook or an extra saves too: give each one name")
+        state.update(entries)
+    return state
 
-    # -- data ----------------------------------------------------------------------------------
-    def _batches(self, epoch: int = 0):
-        "Endless (epoch, sample list) pairs from epoch `epoch` on; epochs restart the loader."
-        while True:
-            for samples in self.loader_fn():
-                yield epoch, samples
-            epoch += 1
 
-    # -- the loop ------------------------------------------------------------------------------
-    def banner(self) -> str:
-        c, lr = self.cfg, self.cfg.framework.latent_reasoning
-        n_params = sum(p.numel() for p in self.acc.unwrap_model(self.model).parameters())
-        n_train = sum(p.numel() for p in self.acc.unwrap_model(self.model).parameters() if p.requires_grad)
-        sched = c.trainer.curriculum_learning
-        lines = [
-            "=" * 72, f"ecot training run {c.run_id!r} -> {self.run_dir}",
-            f"  model       {c.framework.name}: VLM {c.framework.qwenvl.base_vlm}, {n_params / 1e6:.2f} M parameters "
-            f"({n_train / 1e6:.2f} M trainable)",
-            f"  devices     {self.acc.num_processes} x {self.acc.device} ({self.acc.mixed_precision} precision)",
-            f"  optimizer   AdamW lr {c.trainer.learning_rate.base:g}, {c.trainer.lr_scheduler_type} schedule, "
-            f"{c.trainer.num_warmup_steps} warmup, clip {c.trainer.gradient_clipping:g}",
-            f"  steps       {c.trainer.max_train_steps} x batch {c.datasets.vla_data.per_device_batch_size} "
-            f"x {c.trainer.gradient_accumulation_steps} accumulation x {self.acc.num_processes} processes",
-            "  ECoT", f"    stage         {self.stage}" + (f"  (schedule {dict(sched.stage_schedule)})" if sched.enable else ""),
-            f"    latent        {'on' if c.framework.enable_latent_reasoning else 'off'}",
-            f"    VLM loss      {'on, weight ' + format(lr.vlm_loss_weight, 'g') if lr.compute_language_loss else 'off'}",
-            f"    thinking      {c.ecot.thinking_token_count} tokens per tag"
-            + (f", overrides {c.ecot.tag2think_count}" if c.ecot.tag2think_count else "")
-            + f" ({lr.start_of_thinking_token} {lr.thinking_token}... {lr.end_of_thinking_token})",
-            "=" * 72]
-        return "\n".join(lines)
+@patch
+def load_checkpoint(self: Trainer, ckpt: Path, restore_rng: bool = True):
+    "Restore weights, optimizer, scheduler, extras, hooks and counters from `ckpt` (RNG too unless told not to)."
+    # accelerate's CPU processes are on "cpu:0", which safetensors and torch.load refuse: load to plain "cpu"
+    dev = torch.device("cpu") if self.acc.device.type == "cpu" else self.acc.device
+    load_model(self.acc.unwrap_model(self.model), str(ckpt / "model.safetensors"), device=str(dev))
+    self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=dev, weights_only=False))
+    self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    extras = torch.load(ckpt / "extras.pt", map_location=dev, weights_only=False)
+    for k, v in self.extras.items():
+        if k in extras:
+            v.load_state_dict(extras[k])
+    for h in self.hooks:
+        h.load_state_dict(extras)
+    s = json.loads((ckpt / STATE_FILE).read_text())
+    self.step, self.stage, self.batches_consumed = s["step"], s["stage"], s["batches_consumed"]
+    self.epoch, self.nonfinite_steps, self.wandb_id = s["epoch"], s["nonfinite_steps"], s.get("wandb_id")
+    self.epoch_batches = s.get("epoch_batches")  # None in checkpoints from before the cursor: replayed
+    if restore_rng:
+        set_rng_state(torch.load(ckpt / f"rng_{self.acc.process_index}.pt", weights_only=False))
 
-    def _handle_signal(self, signum, frame):
-        self.interrupted = signum  # truthy: the loop stops after this step and saves
+# %% ../nbs/23_trainer.ipynb #0172ca75
+# -- data ----------------------------------------------------------------------------------
+@patch
+def _batches(self: Trainer, epoch: int = 0):
+    "Endless (epoch, sample list) pairs from epoch `epoch` on; epochs restart the loader."
+    while True:
+        for samples in self.loader_fn():
+            yield epoch, samples
+        epoch += 1
 
-    def train(self, resume: Optional[str | os.PathLike] = None, stop_at: Optional[int] = None,
-              overwrite: bool = False) -> list[dict]:
-        """Run to `max_train_steps`, or until interrupted (SIGTERM/SIGINT) or step `stop_at` (a time-sliced job):
-        a checkpoint is saved either way. A fresh run refuses a run directory an earlier run wrote to, unless
-        `overwrite` (which deletes its metrics, checkpoints and policy). Returns the logged records."""
-        cfg, acc = self.cfg, self.acc
-        check_run_dir(self.run_dir, resume, overwrite)
-        if overwrite and resume is None and acc.is_main_process:
-            clear_run_dir(self.run_dir)
-        acc.wait_for_everyone()
-        ckpt = resolve_checkpoint(resume, self.ckpt_root) if resume else None
-        if ckpt is not None:
-            step = json.loads((ckpt / STATE_FILE).read_text())["step"]
-            for note in resume_changes(yaml.safe_load((ckpt / "config.yaml").read_text()), cfg, step):
-                if acc.is_main_process:
-                    print(f"resume: {note}")
-            self.load_checkpoint(ckpt, restore_rng=False)
-        if ckpt is not None and self.data_seek is not None and self.epoch_batches is not None:
-            self.data_seek(self.epoch, self.epoch_batches)  # seek to the data position: nothing consumed is read
-            batches = self._batches(self.epoch)
-        else:
-            batches = self._batches()
-            epoch, epoch_batches = 0, 0
-            for _ in range(self.batches_consumed):  # replay the data position (no seek available)...
-                e, _ = next(batches)
-                epoch, epoch_batches = e, (epoch_batches + 1 if e == epoch else 1)
-            self.epoch, self.epoch_batches = epoch, epoch_batches
-        if ckpt is not None:  # ...then restore RNG, so noise draws continue exactly
-            set_rng_state(torch.load(ckpt / f"rng_{acc.process_index}.pt", weights_only=False))
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            if self.stats is not None:
-                write_json(self.stats, self.run_dir / "dataset_statistics.json")
-            print(self.banner() + (f"\nresumed from {ckpt} at step {self.step}" if ckpt else ""))
-        if acc.is_main_process and self.ckpt_root.exists():
-            stale = clean_stale(self.ckpt_root)
-            if stale:
-                print(f"removed what an interrupted save or deletion left in {self.ckpt_root}: {stale}")
-        # Signal handlers first (a SIGTERM during W&B's start is not lost); only the main thread can install them.
-        in_main = threading.current_thread() is threading.main_thread()
-        old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
-        logger = prefetch = None
-        try:
-            logger = MetricsLogger(self.run_dir, cfg, enabled=acc.is_main_process, wandb_id=self.wandb_id)
-            self.wandb_id = logger.wandb_id
-            if ckpt is not None and logger.truncate(self.step) and acc.is_main_process:
-                print(f"metrics.jsonl: dropped the records after step {self.step}, which this resume writes again")
-            accum, step0 = cfg.trainer.gradient_accumulation_steps, self.step
-            prefetch = Prefetcher(batches, self.collate, lambda i: self.stage_fn(step0 + i // accum))
-            self._loop(prefetch, logger, stop_at or cfg.trainer.max_train_steps)
-        except Exception as e:
-            if not isinstance(e, (NonFiniteLossError, NonFiniteWeightsError)):
-                self._emergency_checkpoint(e)
-            raise
-        finally:
-            if prefetch is not None:
-                prefetch.close()
-            for s, h in old.items():
-                signal.signal(s, h)
-            if logger is not None:
-                logger.close()
-        return self.history
+# %% ../nbs/23_trainer.ipynb #cc52383b
+# -- the loop ------------------------------------------------------------------------------
+@patch
+def banner(self: Trainer) -> str:
+    c, lr = self.cfg, self.cfg.framework.latent_reasoning
+    n_params = sum(p.numel() for p in self.acc.unwrap_model(self.model).parameters())
+    n_train = sum(p.numel() for p in self.acc.unwrap_model(self.model).parameters() if p.requires_grad)
+    sched = c.trainer.curriculum_learning
+    lines = [
+        "=" * 72, f"ecot training run {c.run_id!r} -> {self.run_dir}",
+        f"  model       {c.framework.name}: VLM {c.framework.qwenvl.base_vlm}, {n_params / 1e6:.2f} M parameters "
+        f"({n_train / 1e6:.2f} M trainable)",
+        f"  devices     {self.acc.num_processes} x {self.acc.device} ({self.acc.mixed_precision} precision)",
+        f"  optimizer   AdamW lr {c.trainer.learning_rate.base:g}, {c.trainer.lr_scheduler_type} schedule, "
+        f"{c.trainer.num_warmup_steps} warmup, clip {c.trainer.gradient_clipping:g}",
+        f"  steps       {c.trainer.max_train_steps} x batch {c.datasets.vla_data.per_device_batch_size} "
+        f"x {c.trainer.gradient_accumulation_steps} accumulation x {self.acc.num_processes} processes",
+        "  ECoT", f"    stage         {self.stage}" + (f"  (schedule {dict(sched.stage_schedule)})" if sched.enable else ""),
+        f"    latent        {'on' if c.framework.enable_latent_reasoning else 'off'}",
+        f"    VLM loss      {'on, weight ' + format(lr.vlm_loss_weight, 'g') if lr.compute_language_loss else 'off'}",
+        f"    thinking      {c.ecot.thinking_token_count} tokens per tag"
+        + (f", overrides {c.ecot.tag2think_count}" if c.ecot.tag2think_count else "")
+        + f" ({lr.start_of_thinking_token} {lr.thinking_token}... {lr.end_of_thinking_token})",
+        "=" * 72]
+    return "\n".join(lines)
 
-    def _emergency_checkpoint(self, error: Exception):
-        """After an exception in the loop, save the last completed step (data position of its end) when the
-        weights are finite; one process only (a collective save could wait forever for a rank that died)."""
-        if self.acc.num_processes > 1 or self.step == 0:
-            return
-        self.batches_consumed, self.epoch, self.epoch_batches = self._batches_at_step
-        try:
-            path = self.save_checkpoint()
-            print(f"{type(error).__name__} during step {self.step + 1}: emergency checkpoint of step {self.step} "
-                  f"saved to {path}; resume with resume='latest'")
-        except Exception as e2:  # never hide the original error behind the save's
-            print(f"{type(error).__name__} during step {self.step + 1}; no emergency checkpoint ({type(e2).__name__}: {e2})")
 
-    def _set_stage(self, logger):
-        stage = self.stage_fn(self.step)
-        if stage != self.stage:
-            msg = f"curriculum: stage {self.stage} -> {stage} at step {self.step}"
-            if self.cfg.trainer.curriculum_learning.reset_optimizer_on_switch:
-                self.optimizer.state.clear()
-                msg += " (optimizer state reset)"
-            if self.acc.is_main_process:
-                tqdm.write(msg)
-                logger.log({"step": self.step, "event": "stage_switch", "stage": stage, "previous_stage": self.stage})
-            self.stage = stage
+@patch
+def _handle_signal(self: Trainer, signum, frame):
+    self.interrupted = signum  # truthy: the loop stops after this step and saves
 
-    def _loop(self, prefetch: Prefetcher, logger, stop_at: int):
-        "Optimizer steps until `stop_at`, `max_train_steps` or a signal, each: fetch, forward, backward, step, log, save."
-        max_steps = self.cfg.trainer.max_train_steps
-        self._window, self._consecutive_bad = MetricsWindow(), 0
-        self._bar = tqdm(total=max_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                         disable=not (self.progress and self.acc.is_main_process))
-        self._postfix: dict = {}  # what the bar shows: the last training and held-out figures
-        self.model.train()
-        while self.step < min(max_steps, stop_at) and not self.interrupted:
-            # where an emergency checkpoint resumes the data
-            self._batches_at_step = (self.batches_consumed, self.epoch, self.epoch_batches)
-            self._set_stage(logger)
-            finite, outs, times = self._accumulate(prefetch)
-            stepped = self._optimizer_step(finite, outs, logger)
-            if stepped is None:  # skipped: non-finite loss or gradient
-                continue
-            self._log(outs, {**stepped, **times}, logger)
-            self._evaluate_and_save(logger)
-        self._bar.close()
+# %% ../nbs/23_trainer.ipynb #d1631cca
+@patch
+def train(self: Trainer, resume: Optional[str | os.PathLike] = None, stop_at: Optional[int] = None,
+          overwrite: bool = False) -> list[dict]:
+    """Run to `max_train_steps`, or until interrupted (SIGTERM/SIGINT) or step `stop_at` (a time-sliced job):
+    a checkpoint is saved either way. A fresh run refuses a run directory an earlier run wrote to, unless
+    `overwrite` (which deletes its metrics, checkpoints and policy). Returns the logged records."""
+    cfg, acc = self.cfg, self.acc
+    check_run_dir(self.run_dir, resume, overwrite)
+    if overwrite and resume is None and acc.is_main_process:
+        clear_run_dir(self.run_dir)
+    acc.wait_for_everyone()
+    ckpt = resolve_checkpoint(resume, self.ckpt_root) if resume else None
+    if ckpt is not None:
+        step = json.loads((ckpt / STATE_FILE).read_text())["step"]
+        for note in resume_changes(yaml.safe_load((ckpt / "config.yaml").read_text()), cfg, step):
+            if acc.is_main_process:
+                print(f"resume: {note}")
+        self.load_checkpoint(ckpt, restore_rng=False)
+    if ckpt is not None and self.data_seek is not None and self.epoch_batches is not None:
+        self.data_seek(self.epoch, self.epoch_batches)  # seek to the data position: nothing consumed is read
+        batches = self._batches(self.epoch)
+    else:
+        batches = self._batches()
+        epoch, epoch_batches = 0, 0
+        for _ in range(self.batches_consumed):  # replay the data position (no seek available)...
+            e, _ = next(batches)
+            epoch, epoch_batches = e, (epoch_batches + 1 if e == epoch else 1)
+        self.epoch, self.epoch_batches = epoch, epoch_batches
+    if ckpt is not None:  # ...then restore RNG, so noise draws continue exactly
+        set_rng_state(torch.load(ckpt / f"rng_{acc.process_index}.pt", weights_only=False))
+    if acc.is_main_process:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        if self.stats is not None:
+            write_json(self.stats, self.run_dir / "dataset_statistics.json")
+        print(self.banner() + (f"\nresumed from {ckpt} at step {self.step}" if ckpt else ""))
+    if acc.is_main_process and self.ckpt_root.exists():
+        stale = clean_stale(self.ckpt_root)
+        if stale:
+            print(f"removed what an interrupted save or deletion left in {self.ckpt_root}: {stale}")
+    # Signal handlers first (a SIGTERM during W&B's start is not lost); only the main thread can install them.
+    in_main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+    logger = prefetch = None
+    try:
+        logger = MetricsLogger(self.run_dir, cfg, enabled=acc.is_main_process, wandb_id=self.wandb_id)
+        self.wandb_id = logger.wandb_id
+        if ckpt is not None and logger.truncate(self.step) and acc.is_main_process:
+            print(f"metrics.jsonl: dropped the records after step {self.step}, which this resume writes again")
+        accum, step0 = cfg.trainer.gradient_accumulation_steps, self.step
+        prefetch = Prefetcher(batches, self.collate, lambda i: self.stage_fn(step0 + i // accum))
+        self._loop(prefetch, logger, stop_at or cfg.trainer.max_train_steps)
+    except Exception as e:
+        if not isinstance(e, (NonFiniteLossError, NonFiniteWeightsError)):
+            self._emergency_checkpoint(e)
+        raise
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+        if logger is not None:
+            logger.close()
+    return self.history
+
+# %% ../nbs/23_trainer.ipynb #6ee9e40f
+@patch
+def _emergency_checkpoint(self: Trainer, error: Exception):
+    """After an exception in the loop, save the last completed step (data position of its end) when the
+    weights are finite; one process only (a collective save could wait forever for a rank that died)."""
+    if self.acc.num_processes > 1 or self.step == 0:
+        return
+    self.batches_consumed, self.epoch, self.epoch_batches = self._batches_at_step
+    try:
         path = self.save_checkpoint()
-        if self.interrupted and self.acc.is_main_process:
-            print(f"interrupted at step {self.step}: checkpoint saved to {path}; resume with resume='latest'")
+        print(f"{type(error).__name__} during step {self.step + 1}: emergency checkpoint of step {self.step} "
+              f"saved to {path}; resume with resume='latest'")
+    except Exception as e2:  # never hide the original error behind the save's
+        print(f"{type(error).__name__} during step {self.step + 1}; no emergency checkpoint ({type(e2).__name__}: {e2})")
 
-    def _fetch(self, prefetch: Prefetcher) -> tuple[list, dict]:
-        "The next micro-batch (samples, batch collated at the current stage, on the device); advances the data cursor."
-        epoch, samples, batch = prefetch.next()
-        self.epoch_batches = self.epoch_batches + 1 if epoch == self.epoch else 1
-        self.epoch, self.batches_consumed = epoch, self.batches_consumed + 1
-        if isinstance(batch, dict) and batch.get("stage", self.stage) != self.stage:
-            batch = prefetch.collate_at(samples, self.stage)  # a skipped step shifted the schedule
-        return samples, _to_device(batch, self.acc.device)
-
-    def _forward(self, batch: dict, sync: Callable) -> tuple[dict, torch.Tensor, bool]:
-        """The model's outputs on `batch` (the hooks add theirs), the loss to train on, and whether it and the hooks'
-        losses are finite on every rank."""
-        acc = self.acc
-        with sync(), acc.autocast():
-            out = self.model(batch)
-            checked = [loss for h in self.hooks for loss in h.before_backward(batch, out)]
-        loss = out["total_loss"] if "total_loss" in out else out["action_loss"]
-        ok = torch.isfinite(loss.detach()).float()
-        for extra in checked:
-            ok = ok * torch.isfinite(extra.detach()).float()
-        ok = acc.reduce(ok, reduction="mean") if acc.num_processes > 1 else ok
-        return out, loss, ok.item() == 1.0
-
-    def _backward(self, loss: torch.Tensor, out: dict, sync: Callable):
-        "The micro-batch's backward, scaled by 1/accumulation: by a hook that runs its own (CRaFT), else here."
-        accum = self.cfg.trainer.gradient_accumulation_steps
-        with sync():
-            if not any(h.backward(loss, out, 1.0 / accum, self.acc.backward) for h in self.hooks):
-                self.acc.backward(loss / accum)
-
-    def _accumulate(self, prefetch: Prefetcher) -> tuple[bool, list[dict], dict]:
-        """Fetch, forward and backward of the step's micro-batches: (all finite, their metrics, data and model time).
-        A non-finite micro-batch gets no backward (the step will be skipped)."""
-        acc, accum = self.acc, self.cfg.trainer.gradient_accumulation_steps
-        own_sync = any(h.syncs_gradients for h in self.hooks)  # a hook all-reduces its own gradients: DDP never syncs
-        finite, outs, data_time, model_time = True, [], 0.0, 0.0
-        for micro in range(accum):
-            t0 = time.perf_counter()  # data time: how long this process waits for the next collated batch
-            samples, batch = self._fetch(prefetch)
-            t1 = time.perf_counter()
-            no_sync = micro < accum - 1 or own_sync
-            sync = lambda: acc.no_sync(self.model) if no_sync else nullcontext()  # a fresh context per use
-            out, loss, ok = self._forward(batch, sync)
-            if ok:
-                self._backward(loss, out, sync)
-            else:
-                finite = False
-            outs.append(scalars(out))
-            self._window.samples += len(samples)
-            if acc.device.type == "cuda":
-                torch.cuda.synchronize()
-            data_time += t1 - t0; model_time += time.perf_counter() - t1
-        return finite, outs, {"data_time": data_time, "model_time": model_time}
-
-    def _optimizer_step(self, finite: bool, outs: list[dict], logger) -> Optional[dict]:
-        """The hooks' gradient surgery (their metrics join `outs`), clip, optimizer and scheduler step: the step's grad
-        norm and learning rate; None, the step skipped, when the loss or the gradient is not finite."""
-        grad_norm = None
-        if finite:
-            outs.extend(h.after_backward() for h in self.hooks)
-            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.gradient_clipping)
-        if grad_norm is None or not math.isfinite(float(grad_norm)):  # same on every rank: grads are reduced
-            self._consecutive_bad += 1
-            self._skip_step("loss" if grad_norm is None else "gradient", self._consecutive_bad, logger)
-            return None
-        self._consecutive_bad = 0
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self._bar.update(1)
-        return {"grad_norm": float(grad_norm), "learning_rate": lr}
-
-    def _log(self, outs: list[dict], own: dict, logger):
-        "Add the step's metrics to the window; at a logging step, write the window's record and start a new window."
-        for o in outs + [own]:
-            self._window.add(o)
-        if self.step % self.cfg.trainer.logging_frequency == 0 or self.step == self.cfg.trainer.max_train_steps:
-            record = self._reduce()
-            if self.acc.is_main_process:
-                logger.log(record)
-                shown = ("total_loss", "action_loss", "vlm_loss", *(k for h in self.hooks for k in h.shown), "grad_norm")
-                self._postfix.update({k: f"{record[k]:.3g}" for k in shown if k in record} | {"stage": self.stage})
-                self._bar.set_postfix(self._postfix)
-            self.history.append(record)
-            self._window = MetricsWindow()
-
-    def _evaluate_and_save(self, logger):
-        "Held-out metrics every `eval_interval` steps and at the last; a checkpoint every `save_interval` (the last: at the end)."
-        t = self.cfg.trainer
-        if self.evaluator is not None and (self.step % t.eval_interval == 0 or self.step == t.max_train_steps):
-            self._evaluate(logger)
-        if self.step % t.save_interval == 0 and self.step < t.max_train_steps:
-            self.save_checkpoint()
-
-    def _evaluate(self, logger):
-        "Held-out metrics of this step: an `eval` event in the metrics (and W&B), on the progress bar, in `evaluations`."
-        rec = {"step": self.step, "event": "eval", "stage": self.stage, **self.evaluator(self)}
-        self.evaluations.append(rec)
+# %% ../nbs/23_trainer.ipynb #83ec768c
+@patch
+def _set_stage(self: Trainer, logger):
+    stage = self.stage_fn(self.step)
+    if stage != self.stage:
+        msg = f"curriculum: stage {self.stage} -> {stage} at step {self.step}"
+        if self.cfg.trainer.curriculum_learning.reset_optimizer_on_switch:
+            self.optimizer.state.clear()
+            msg += " (optimizer state reset)"
         if self.acc.is_main_process:
-            logger.log(rec)
-            self._postfix.update({f"val_{k.split('/', 1)[1]}": f"{rec[k]:.3g}"
-                                  for k in ("eval/mse", "eval/mean_action_mse", "eval/eos_f1") if k in rec})
+            tqdm.write(msg)
+            logger.log({"step": self.step, "event": "stage_switch", "stage": stage, "previous_stage": self.stage})
+        self.stage = stage
+
+
+@patch
+def _loop(self: Trainer, prefetch: Prefetcher, logger, stop_at: int):
+    "Optimizer steps until `stop_at`, `max_train_steps` or a signal, each: fetch, forward, backward, step, log, save."
+    max_steps = self.cfg.trainer.max_train_steps
+    self._window, self._consecutive_bad = MetricsWindow(), 0
+    self._train_start = self._window.start
+    self._bar = tqdm(total=max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                     disable=not (self.progress and self.acc.is_main_process))
+    self._postfix: dict = {}  # what the bar shows: the last training and held-out figures
+    self.model.train()
+    while self.step < min(max_steps, stop_at) and not self.interrupted:
+        # where an emergency checkpoint resumes the data
+        self._batches_at_step = (self.batches_consumed, self.epoch, self.epoch_batches)
+        self._set_stage(logger)
+        finite, outs, times = self._accumulate(prefetch)
+        stepped = self._optimizer_step(finite, outs, logger)
+        if stepped is None:  # skipped: non-finite loss or gradient
+            continue
+        self._log(outs, {**stepped, **times}, logger)
+        self._evaluate_and_save(logger)
+    self._bar.close()
+    path = self.save_checkpoint()
+    if self.interrupted and self.acc.is_main_process:
+        print(f"interrupted at step {self.step}: checkpoint saved to {path}; resume with resume='latest'")
+
+# %% ../nbs/23_trainer.ipynb #a59191e1
+@patch
+def _fetch(self: Trainer, prefetch: Prefetcher) -> tuple[list, dict]:
+    "The next micro-batch (samples, batch collated at the current stage, on the device); advances the data cursor."
+    epoch, samples, batch = prefetch.next()
+    self.epoch_batches = self.epoch_batches + 1 if epoch == self.epoch else 1
+    self.epoch, self.batches_consumed = epoch, self.batches_consumed + 1
+    if isinstance(batch, dict) and batch.get("stage", self.stage) != self.stage:
+        batch = prefetch.collate_at(samples, self.stage)  # a skipped step shifted the schedule
+    return samples, _to_device(batch, self.acc.device)
+
+
+@patch
+def _forward(self: Trainer, batch: dict, sync: Callable) -> tuple[dict, torch.Tensor, bool]:
+    """The model's outputs on `batch` (the hooks add theirs), the loss to train on, and whether it and the hooks'
+    losses are finite on every rank."""
+    acc = self.acc
+    with sync(), acc.autocast():
+        out = self.model(batch)
+        checked = [loss for h in self.hooks for loss in h.before_backward(batch, out)]
+    loss = out["total_loss"] if "total_loss" in out else out["action_loss"]
+    ok = torch.isfinite(loss.detach()).float()
+    for extra in checked:
+        ok = ok * torch.isfinite(extra.detach()).float()
+    ok = acc.reduce(ok, reduction="mean") if acc.num_processes > 1 else ok
+    return out, loss, ok.item() == 1.0
+
+# %% ../nbs/23_trainer.ipynb #ba2e54de
+@patch
+def _backward(self: Trainer, loss: torch.Tensor, out: dict, sync: Callable):
+    "The micro-batch's backward, scaled by 1/accumulation: by a hook that runs its own (CRaFT), else here."
+    accum = self.cfg.trainer.gradient_accumulation_steps
+    with sync():
+        if not any(h.backward(loss, out, 1.0 / accum, self.acc.backward) for h in self.hooks):
+            self.acc.backward(loss / accum)
+
+
+@patch
+def _accumulate(self: Trainer, prefetch: Prefetcher) -> tuple[bool, list[dict], dict]:
+    """Fetch, forward and backward of the step's micro-batches: (all finite, their metrics, data and model time).
+    A non-finite micro-batch gets no backward (the step will be skipped)."""
+    acc, accum = self.acc, self.cfg.trainer.gradient_accumulation_steps
+    own_sync = any(h.syncs_gradients for h in self.hooks)  # a hook all-reduces its own gradients: DDP never syncs
+    finite, outs, data_time, model_time = True, [], 0.0, 0.0
+    for micro in range(accum):
+        t0 = time.perf_counter()  # data time: how long this process waits for the next collated batch
+        samples, batch = self._fetch(prefetch)
+        t1 = time.perf_counter()
+        no_sync = micro < accum - 1 or own_sync
+        sync = lambda: acc.no_sync(self.model) if no_sync else nullcontext()  # a fresh context per use
+        out, loss, ok = self._forward(batch, sync)
+        if ok:
+            self._backward(loss, out, sync)
+        else:
+            finite = False
+        outs.append(scalars(out))
+        self._window.samples += len(samples)
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize()
+        data_time += t1 - t0; model_time += time.perf_counter() - t1
+    return finite, outs, {"data_time": data_time, "model_time": model_time}
+
+# %% ../nbs/23_trainer.ipynb #a56aa62e
+@patch
+def _optimizer_step(self: Trainer, finite: bool, outs: list[dict], logger) -> Optional[dict]:
+    """The hooks' gradient surgery (their metrics join `outs`), clip, optimizer and scheduler step: the step's grad
+    norm and learning rate; None, the step skipped, when the loss or the gradient is not finite."""
+    grad_norm = None
+    if finite:
+        outs.extend(h.after_backward() for h in self.hooks)
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.gradient_clipping)
+    if grad_norm is None or not math.isfinite(float(grad_norm)):  # same on every rank: grads are reduced
+        self._consecutive_bad += 1
+        self._skip_step("loss" if grad_norm is None else "gradient", self._consecutive_bad, logger)
+        return None
+    self._consecutive_bad = 0
+    lr = self.scheduler.get_last_lr()[0]
+    self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
+    self.step += 1
+    self._bar.update(1)
+    return {"grad_norm": float(grad_norm), "learning_rate": lr}
+
+
+@patch
+def _skip_step(self: Trainer, what: str, consecutive: int, logger):
+    "Drop the accumulated gradients of a step with a non-finite loss or gradient; log it; stop after too many."
+    self.optimizer.zero_grad(set_to_none=True)
+    for h in self.hooks:
+        h.skip()
+    self.nonfinite_steps += 1
+    if self.acc.is_main_process:
+        tqdm.write(f"step {self.step + 1}: non-finite {what}, step skipped ({self.nonfinite_steps} so far)")
+        logger.log({"step": self.step + 1, "event": "nonfinite_skip", "reason": what,
+                    "nonfinite_steps": self.nonfinite_steps})
+    if consecutive >= self.cfg.trainer.max_consecutive_nonfinite:
+        path = self.save_checkpoint()
+        raise NonFiniteLossError(
+            f"{consecutive} optimizer steps in a row had a non-finite loss or gradient (last at step {self.step + 1}); "
+            f"checkpoint of step {self.step} saved to {path}. Lower trainer.learning_rate.base or check the data.")
+
+# %% ../nbs/23_trainer.ipynb #da0b2240
+@patch
+def _log(self: Trainer, outs: list[dict], own: dict, logger):
+    "Add the step's metrics to the window; at a logging step, write the window's record and start a new window."
+    for o in outs + [own]:
+        self._window.add(o)
+    if self.step % self.cfg.trainer.logging_frequency == 0 or self.step == self.cfg.trainer.max_train_steps:
+        record = self._reduce()
+        if self.acc.is_main_process:
+            logger.log(record)
+            shown = ("total_loss", "action_loss", "vlm_loss", *(k for h in self.hooks for k in h.shown), "grad_norm")
+            self._postfix.update({k: f"{record[k]:.3g}" for k in shown if k in record} | {"stage": self.stage})
             self._bar.set_postfix(self._postfix)
-            tqdm.write(f"step {self.step} held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
-                                                                  if k.startswith("eval/") and "/tag_" not in k))
+        self.history.append(record)
+        self._window = MetricsWindow()
 
-    def _skip_step(self, what: str, consecutive: int, logger):
-        "Drop the accumulated gradients of a step with a non-finite loss or gradient; log it; stop after too many."
-        self.optimizer.zero_grad(set_to_none=True)
-        for h in self.hooks:
-            h.skip()
-        self.nonfinite_steps += 1
-        if self.acc.is_main_process:
-            tqdm.write(f"step {self.step + 1}: non-finite {what}, step skipped ({self.nonfinite_steps} so far)")
-            logger.log({"step": self.step + 1, "event": "nonfinite_skip", "reason": what,
-                        "nonfinite_steps": self.nonfinite_steps})
-        if consecutive >= self.cfg.trainer.max_consecutive_nonfinite:
-            path = self.save_checkpoint()
-            raise NonFiniteLossError(
-                f"{consecutive} optimizer steps in a row had a non-finite loss or gradient (last at step {self.step + 1}); "
-                f"checkpoint of step {self.step} saved to {path}. Lower trainer.learning_rate.base or check the data.")
 
-    def _reduce(self) -> dict:
-        """The window's record (`MetricsWindow.reduce`): means across ranks, `*_count` metrics summed (the model's
-        `derived_metrics(record)`, if it has one, turns them into rates), throughput over all ranks."""
-        acc = self.acc
-        reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
-        rec = self._window.reduce({"step": self.step, "stage": self.stage, "epoch": self.epoch}, acc.device, reduce_sum,
-                                  acc.num_processes, getattr(acc.unwrap_model(self.model), "derived_metrics", None))
-        rec["nonfinite_steps"] = self.nonfinite_steps
-        return rec
+@patch
+def _reduce(self: Trainer) -> dict:
+    """The window's record (`MetricsWindow.reduce`): means across ranks, `*_count` metrics summed (the model's
+    `derived_metrics(record)`, if it has one, turns them into rates), throughput over all ranks, the wall time
+    since training began (`wall_s`) and the graphs compiled so far (`compiled_graphs`)."""
+    acc = self.acc
+    reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
+    rec = self._window.reduce({"step": self.step, "stage": self.stage, "epoch": self.epoch}, acc.device, reduce_sum,
+                              acc.num_processes, getattr(acc.unwrap_model(self.model), "derived_metrics", None))
+    rec["nonfinite_steps"] = self.nonfinite_steps
+    # whole-run throughput and stalls: wall time since this process began training, and graphs compiled so far
+    # (one compiled after warm-up is a recompile: new shapes, and every rank waits for it)
+    rec["wall_s"] = time.perf_counter() - self._train_start
+    rec["compiled_graphs"] = int(dynamo_counters["stats"]["unique_graphs"])
+    return rec
+
+# %% ../nbs/23_trainer.ipynb #3b7ae9d7
+@patch
+def _evaluate_and_save(self: Trainer, logger):
+    "Held-out metrics every `eval_interval` steps and at the last; a checkpoint every `save_interval` (the last: at the end)."
+    t = self.cfg.trainer
+    if self.evaluator is not None and (self.step % t.eval_interval == 0 or self.step == t.max_train_steps):
+        self._evaluate(logger)
+    if self.step % t.save_interval == 0 and self.step < t.max_train_steps:
+        self.save_checkpoint()
+
+
+@patch
+def _evaluate(self: Trainer, logger):
+    "Held-out metrics of this step: an `eval` event in the metrics (and W&B), on the progress bar, in `evaluations`."
+    rec = {"step": self.step, "event": "eval", "stage": self.stage, **self.evaluator(self)}
+    self.evaluations.append(rec)
+    if self.acc.is_main_process:
+        logger.log(rec)
+        self._postfix.update({f"val_{k.split('/', 1)[1]}": f"{rec[k]:.3g}"
+                              for k in ("eval/mse", "eval/mean_action_mse", "eval/eos_f1") if k in rec})
+        self._bar.set_postfix(self._postfix)
+        tqdm.write(f"step {self.step} held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                                              if k.startswith("eval/") and "/tag_" not in k))
