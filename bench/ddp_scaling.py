@@ -1,10 +1,13 @@
 """Data-parallel scaling of training: samples/s on N processes / (N x samples/s on one), measured with the trainer of
 `nbs/train.ipynb` (`ecot.run.main`, what `ecot-train` runs) under `accelerate launch` with DDP, plus the share of
-each step spent waiting for data. Throughput is the median `samples_per_s` of the logged windows after `--skip`
-steps (compilation and warm-up excluded), read from each run's `metrics.jsonl`.
+each step spent waiting for data. Throughput is whole-span: the samples of the steps after `--skip` (compilation
+and warm-up excluded) over their wall time, from the record at step `--skip` to the last record (`samples_seen`
+and `wall_s` in each run's `metrics.jsonl`: samples over all ranks, seconds since training started), so stalls
+inside the span count. Printed beside it: the median and range of the logged windows, and the graphs compiled
+inside the span (`compiled_graphs`): one compiled after warm-up is a recompile, and it stalls every rank.
 
     python bench/ddp_scaling.py --config qwen3vl2b_random --stage 0 --steps 80     # GPUs: 1 and 2 processes
-    python bench/ddp_scaling.py --config tiny --steps 12 --skip 4 --batch-size 2    # CPU smoke run (gloo)
+    python bench/ddp_scaling.py --config tiny --steps 12 --skip 4 --log-every 4 --batch-size 2   # CPU smoke run (gloo)
     python bench/ddp_scaling.py --nproc 1 --out runs/scaling; python bench/ddp_scaling.py --out runs/scaling --reuse
 """
 import argparse
@@ -40,14 +43,22 @@ def launch(nproc: int, run_dir: Path, a) -> None:
 
 
 def summary(run_dir: Path, skip: int) -> dict:
-    "Steady-state throughput and data share of one run, from its metrics.jsonl."
+    "Whole-span throughput (steps after `skip` over their wall time), window spread, recompiles and data share of one run."
     recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    recs = [r for r in recs if "samples_per_s" in r and r["step"] > skip]
-    if not recs:
-        raise SystemExit(f"{run_dir}/metrics.jsonl has no logged window after step {skip}: run more --steps")
-    data = statistics.mean(r["data_time"] for r in recs)
-    model = statistics.mean(r["model_time"] for r in recs)
-    return {"samples_per_s": statistics.median(r["samples_per_s"] for r in recs), "windows": len(recs),
+    recs = [r for r in recs if "samples_per_s" in r]
+    start = [r for r in recs if r["step"] <= skip]
+    span = [r for r in recs if r["step"] > skip]
+    if not start or not span:
+        raise SystemExit(f"{run_dir}/metrics.jsonl needs records at or before step {skip} and after it "
+                         f"(--skip a multiple of --log-every, and more --steps)")
+    a, b = start[-1], span[-1]
+    wall = b["wall_s"] - a["wall_s"]
+    data = statistics.mean(r["data_time"] for r in span)
+    model = statistics.mean(r["model_time"] for r in span)
+    windows = [r["samples_per_s"] for r in span]
+    return {"samples_per_s": (b["samples_seen"] - a["samples_seen"]) / wall, "steps": b["step"] - a["step"],
+            "wall_s": wall, "window_median": statistics.median(windows), "window_min": min(windows),
+            "window_max": max(windows), "recompiles": b.get("compiled_graphs", 0) - a.get("compiled_graphs", 0),
             "data_share": data / (data + model), "data_ms": 1e3 * data, "model_ms": 1e3 * model}
 
 
@@ -76,10 +87,12 @@ def main():
             res[n] = summary(out / f"nproc{n}", a.skip)
             print(f"{n} process(es): {json.dumps(res[n])}", flush=True)
     base = res[min(res)]
-    print(f"\n{'processes':>9} {'samples/s':>10} {'scaling efficiency':>19} {'data wait / step':>17}")
+    print(f"\n{'processes':>9} {'samples/s (span)':>17} {'windows: median, range':>24} {'recompiles':>10} "
+          f"{'scaling efficiency':>19} {'data wait / step':>17}")
     for n, r in res.items():
         eff = r["samples_per_s"] / (n / min(res) * base["samples_per_s"])
-        print(f"{n:>9} {r['samples_per_s']:>10.1f} {eff:>18.1%} {r['data_share']:>16.1%}")
+        rng = f"{r['window_median']:.1f}, {r['window_min']:.1f}-{r['window_max']:.1f}"
+        print(f"{n:>9} {r['samples_per_s']:>17.1f} {rng:>24} {r['recompiles']:>10} {eff:>18.1%} {r['data_share']:>16.1%}")
     print("targets: scaling efficiency >= 90% on 2 GPUs; data wait < 5% of the step")
 
 
