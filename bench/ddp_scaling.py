@@ -1,7 +1,7 @@
 """Data-parallel scaling of training: samples/s on N processes / (N x samples/s on one), measured with the trainer of
 `nbs/train.ipynb` (`ecot.run.main`, what `ecot-train` runs) under `accelerate launch` with DDP, plus the share of
 each step spent waiting for data. Throughput is whole-span: the samples of the steps after `--skip` (compilation
-and warm-up excluded) over their wall time, from the record at step `--skip` to the last record (`samples_seen`
+and warm-up excluded) over their wall time, from the record at step `--skip` to the last record (`window_samples`
 and `wall_s` in each run's `metrics.jsonl`: samples over all ranks, seconds since training started), so stalls
 inside the span count. Printed beside it: the median and range of the logged windows, and the graphs compiled
 inside the span (`compiled_graphs`): one compiled after warm-up is a recompile, and it stalls every rank.
@@ -56,7 +56,7 @@ def summary(run_dir: Path, skip: int) -> dict:
     data = statistics.mean(r["data_time"] for r in span)
     model = statistics.mean(r["model_time"] for r in span)
     windows = [r["samples_per_s"] for r in span]
-    return {"samples_per_s": (b["samples_seen"] - a["samples_seen"]) / wall, "steps": b["step"] - a["step"],
+    return {"samples_per_s": sum(r["window_samples"] for r in span) / wall, "steps": b["step"] - a["step"],
             "wall_s": wall, "window_median": statistics.median(windows), "window_min": min(windows),
             "window_max": max(windows), "recompiles": b.get("compiled_graphs", 0) - a.get("compiled_graphs", 0),
             "data_share": data / (data + model), "data_ms": 1e3 * data, "model_ms": 1e3 * model}
