@@ -19,7 +19,7 @@ from ecot.backbone import QwenVLBackbone, build_qwen3vl, tiny_qwen3vl_config
 from ecot.reference import compare_latent_to_reference, loop_latent_forward, reference_latent_forward
 from ecot.testing import ToyTokenizer, float64_rmsnorm, toy_batch
 from ecot.action_head import ActionHeadConfig
-from ecot.policy import ECoTPolicy
+from ecot.policy import ECoTPolicy, PolicyConfig
 from transformers import Qwen3VLForConditionalGeneration
 
 PRESETS = {  # Qwen3-VL-2B shapes (random weights: nothing is downloaded)
@@ -38,7 +38,7 @@ def build_policy(preset: str, device, dtype):
     torch.manual_seed(0)
     vlm = Qwen3VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     head = ActionHeadConfig(action_dim=7, chunk_len=16, state_dim=7, hidden_size=512, num_layers=8, num_heads=8)
-    policy = ECoTPolicy(vlm, action_head=head, repeated_diffusion_steps=4, vlm_loss_weight=0.1)
+    policy = ECoTPolicy(vlm, PolicyConfig(repeated_diffusion_steps=4, vlm_loss_weight=0.1), action_head=head)
     return policy.to(device=device, dtype=dtype), cfg
 
 

@@ -25,7 +25,7 @@ from .action_head import ActionHeadConfig
 from .eos import EOSConfig, EOSHook
 from .hooks import TrainerHook
 from .inference import ActingSpec
-from .policy import ECoTPolicy
+from .policy import ECoTPolicy, PolicyConfig
 from .processor import load_processor
 from .render import stage_at
 from .synthetic import embedded_dataset
@@ -130,13 +130,10 @@ def build_policy(cfg: Config, processor, dataset_statistics: Optional[dict] = No
     f, am = cfg.framework, cfg.framework.action_model
     base = f.qwenvl.base_vlm if f.qwenvl.base_vlm == TINY_VLM else str(resolve_path(f.qwenvl.base_vlm))
     policy = ECoTPolicy.build(
-        base, processor, attn_implementation=f.qwenvl.attn_implementation, seed=cfg.seed, tiny_vlm=f.qwenvl.tiny_shape,
+        base, processor, attn_implementation=f.qwenvl.attn_implementation, tiny_vlm=f.qwenvl.tiny_shape,
+        config=PolicyConfig.from_config(cfg),
         action_head=ActionHeadConfig.from_section(am, with_state=cfg.ecot.load_proprio),
-        vlm_hidden_layer=am.vlm_hidden_layer,
-        repeated_diffusion_steps=cfg.trainer.repeated_diffusion_steps,
-        compute_language_loss=f.latent_reasoning.compute_language_loss,
-        vlm_loss_weight=f.latent_reasoning.vlm_loss_weight, dataset_statistics=dataset_statistics,
-        acting=acting_spec(cfg), eos=EOSConfig.from_section(am))
+        eos=EOSConfig.from_section(am), dataset_statistics=dataset_statistics, acting=acting_spec(cfg))
     compile_model(policy, f.qwenvl.compile)
     return policy
 

@@ -8,14 +8,16 @@ Docs: https://ecot-dev.github.io/ecot/policy.html.md"""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
 from pathlib import Path
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
+from fastcore.basics import patch
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -23,14 +25,302 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from .action_head import ActionHeadConfig, FlowMatchingActionHead
 from .backbone import (TINY_VLM, QwenVLBackbone, build_qwen3vl, resolve_attn_implementation)
 from .collate import Batch, PromptBatch
+from .config import Config
 from .eos import EOSBufferManager, EOSConfig, EOSObjective, eos_scores
 from .inference import (ActingSpec, Reasoner, action_statistics, dataset_statistics_of, observation_sample,
                             parse_reasoning, unnormalize_actions)
 
 # %% auto #0
-__all__ = ['fsync_tree', 'ECoTPolicy']
+__all__ = ['PolicyConfig', 'ECoTPolicy', 'fsync_tree']
+
+# %% ../nbs/21_policy.ipynb #152e7e3e
+@dataclass(frozen=True)
+class PolicyConfig:
+    "The policy's own hyper-parameters (its heads take their own sections), from a run config through `from_config`."
+    vlm_hidden_layer: int = -1  # which VLM hidden layer feeds the action head (-1: last, after the final norm)
+    repeated_diffusion_steps: int = 4  # flow-matching draws per sample in a training forward
+    compute_language_loss: bool = True  # the VLM's next-token loss on the batch's labels
+    vlm_loss_weight: float = 0.1  # total_loss = action_loss + vlm_loss_weight · vlm_loss (+ the EOS term)
+    seed: int = 0  # initialisation of the tiny VLM (`ECoTPolicy.build`) and of the heads
+
+    def __post_init__(self):
+        if self.vlm_hidden_layer < -1:
+            raise ValueError(f"vlm_hidden_layer = {self.vlm_hidden_layer}: expected -1 (the last layer) or a layer >= 0")
+        if self.repeated_diffusion_steps < 1:
+            raise ValueError(f"repeated_diffusion_steps = {self.repeated_diffusion_steps}: expected >= 1")
+        if not isinstance(self.compute_language_loss, bool):
+            raise ValueError(f"compute_language_loss = {self.compute_language_loss!r}: expected True or False")
+        if not math.isfinite(self.vlm_loss_weight):
+            raise ValueError(f"vlm_loss_weight = {self.vlm_loss_weight}: expected a finite number")
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "PolicyConfig":
+        "From a validated `ecot.config.Config` (its `framework`, `trainer` and `seed`)."
+        lr = cfg.framework.latent_reasoning
+        return cls(vlm_hidden_layer=cfg.framework.action_model.vlm_hidden_layer,
+                   repeated_diffusion_steps=cfg.trainer.repeated_diffusion_steps,
+                   compute_language_loss=lr.compute_language_loss, vlm_loss_weight=lr.vlm_loss_weight, seed=cfg.seed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 # %% ../nbs/21_policy.ipynb #c88886ef
+class ECoTPolicy(nn.Module):
+    "Qwen3-VL backbone + flow-matching DiT action head; `forward(batch)` -> losses, `predict_action` -> actions."
+
+    def __init__(self, vlm: Qwen3VLForConditionalGeneration, config: PolicyConfig | Mapping = PolicyConfig(),
+                 action_head: ActionHeadConfig | Mapping = ActionHeadConfig(), eos: Optional[EOSConfig | Mapping] = None,
+                 processor=None, acting: Optional[ActingSpec | Mapping] = None, dataset_statistics: Optional[dict] = None):
+        """`config`: the policy's own hyper-parameters (`PolicyConfig.from_config(cfg)`); `action_head` and `eos`: the
+        heads' sections (`ActionHeadConfig.from_section(framework.action_model)`, `EOSConfig.from_section(...)`; eos
+        None: no EOS head). `save_pretrained` saves the three in `policy_config.json`."""
+        super().__init__()
+        c = self.config = PolicyConfig(**config) if isinstance(config, Mapping) else config
+        eos = EOSConfig(**eos) if isinstance(eos, Mapping) else eos
+        head = ActionHeadConfig(**action_head) if isinstance(action_head, Mapping) else action_head
+        self.backbone = QwenVLBackbone(vlm, hidden_layer=c.vlm_hidden_layer)
+        with torch.random.fork_rng(devices=[]):  # seeded head init, global RNG untouched
+            torch.manual_seed(c.seed)
+            self.action_head = FlowMatchingActionHead(self.backbone.hidden_size, head)
+            # after the action head, so turning EOS on leaves the action head's initialisation unchanged
+            # (its section, calibrated threshold included, is saved as `eos` in policy_config.json)
+            self.eos = EOSObjective(head.hidden_size, eos, c.seed) if eos is not None else None
+        self.processor, self.dataset_statistics = processor, dataset_statistics
+        self.acting = acting if isinstance(acting, ActingSpec) else ActingSpec.from_dict(acting or {})
+        self.cuda_graphs = True  # inference steps as CUDA graphs on CUDA (see ecot.inference)
+        self._reasoner: Optional[Reasoner] = None
+
+    @classmethod
+    def build(cls, base_vlm: str = TINY_VLM, tokenizer=None, attn_implementation: str = "sdpa",
+              vlm_dtype: Optional[torch.dtype] = None, tiny_vlm: Optional[dict] = None,
+              config: PolicyConfig | Mapping = PolicyConfig(), **kwargs) -> "ECoTPolicy":
+        """Build the VLM (`'tiny'` preset, initialised from `config.seed`, or a local weights directory; ids/vocab from
+        `tokenizer`) and the policy (`kwargs`: `ECoTPolicy`'s other arguments)."""
+        loose = sorted(set(kwargs) & {f.name for f in fields(PolicyConfig)})
+        if loose:
+            raise TypeError(f"ECoTPolicy.build: {loose} are PolicyConfig fields: pass config=PolicyConfig({loose[0]}=...)")
+        config = PolicyConfig(**config) if isinstance(config, Mapping) else config
+        vlm = build_qwen3vl(base_vlm, tokenizer, attn_implementation=attn_implementation, dtype=vlm_dtype,
+                            seed=config.seed, **(tiny_vlm or {}))
+        if "processor" not in kwargs and tokenizer is not None and hasattr(tokenizer, "tokenizer"):
+            kwargs["processor"] = tokenizer  # a processor was given: keep it for saving and decoding
+        return cls(vlm, config, **kwargs)
+
+    @property
+    def device(self) -> torch.device: return next(self.parameters()).device
+
+# %% ../nbs/21_policy.ipynb #d4773e6f
+@patch
+def _to_device(self: ECoTPolicy, batch: dict) -> dict:
+    return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@patch
+def run_backbone(self: ECoTPolicy, batch: Batch, with_labels: bool):
+    "The VLM on a batch: latent path when the batch is at stage >= 1 and has thinking tokens."
+    stage = int(batch.get("stage", 0))
+    think_start = batch.get("think_start") if stage >= 1 else None
+    labels = batch.get("labels") if with_labels else None
+    return self.backbone(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                         batch.get("pixel_values"), batch.get("image_grid_thw"), labels=labels,
+                         think_start=think_start, think_counts=batch.get("think_counts"))
+
+
+@patch
+def forward(self: ECoTPolicy, batch: Batch) -> dict[str, Any]:
+    "Losses on a collated batch: action_loss, vlm_loss (when computed), total_loss; plus path and n_passes."
+    missing = [k for k in ("input_ids", "attention_mask", "position_ids", "actions") if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing}: expected the collator's batch, ecot.collate.Batch "
+                       "(ecot.collate.check_batch checks one in full)")
+    batch = self._to_device(batch)
+    vlm = self.run_backbone(batch, with_labels=self.config.compute_language_loss)
+    act = self.action_head(vlm.hidden_states, batch["attention_mask"], batch["actions"], batch.get("action_mask"),
+                           batch.get("states"), self.config.repeated_diffusion_steps, return_hidden=True)
+    out = {"action_loss": act["action_loss"], "action_hidden": act["action_hidden"],
+           "path": vlm.path, "n_passes": vlm.n_passes}
+    total = act["action_loss"]
+    if vlm.vlm_loss is not None:
+        out["vlm_loss"] = vlm.vlm_loss
+        total = total + self.config.vlm_loss_weight * vlm.vlm_loss
+    if self.eos is not None:
+        eos_loss, metrics = self.eos_forward(vlm.hidden_states, act["action_hidden"], batch)
+        out.update(metrics)
+        if eos_loss is not None:
+            out["eos_loss"] = eos_loss
+            total = total + self.eos.config.weight * eos_loss
+    out["total_loss"] = total
+    return out
+
+
+@patch
+def derived_metrics(self: ECoTPolicy, record: dict) -> dict:
+    "Rates from metrics the trainer summed over a window and the ranks: EOS scores from its counts."
+    return eos_scores(record) if "eos_tp_count" in record else {}
+
+# %% ../nbs/21_policy.ipynb #040a2d8e
+@patch(as_prop=True)
+def eos_buffer(self: ECoTPolicy) -> Optional[EOSBufferManager]:
+    "The EOS head's class-balanced buffer (None without EOS head): register it as a Trainer extra to checkpoint it."
+    return None if self.eos is None else self.eos.buffer
+
+
+@patch
+def eos_hidden(self: ECoTPolicy, vlm_hidden: torch.Tensor, attention_mask: torch.Tensor, actions: torch.Tensor,
+               states: Optional[torch.Tensor] = None) -> torch.Tensor:
+    "Action-head hidden states (B, chunk, hidden) at a clean chunk (t = 1): ground truth in training, prediction at inference."
+    t = torch.ones(actions.shape[0], device=actions.device)
+    return self.action_head.velocity(actions.float(), t, vlm_hidden, attention_mask, states, return_hidden=True)[1]
+
+
+@patch
+def eos_forward(self: ECoTPolicy, vlm_hidden: torch.Tensor, action_hidden: torch.Tensor,
+                batch: Batch) -> tuple[Optional[torch.Tensor], dict]:
+    "EOS loss (None while the buffer fills or nothing is labelled) and metrics."
+    if batch.get("eos") is None:
+        return None, {"eos_ready": 0.0, "eos_labelled_steps": 0.0}
+    mask = batch["eos_mask"].bool() if batch.get("eos_mask") is not None else torch.ones_like(batch["eos"], dtype=torch.bool)
+    if batch.get("action_mask") is not None:
+        mask = mask & batch["action_mask"].bool()
+    B = batch["actions"].shape[0]
+    if self.eos.config.input == "noisy":
+        # action_hidden is (R·B, chunk, hidden), repeat r of sample b at row r·B + b: the first repeat (rows
+        # 0..B-1) lines up with the labels; each frame then counts once, and the buffer holds distinct frames
+        hidden = action_hidden[:B]
+    else:  # buffer: the head's gradient comes from re-run buffered states, so this pass needs no graph
+        states = batch.get("states")
+        chunk = batch["actions"]
+        if self.eos.config.input == "predicted":  # the chunk inference hands the head: denoised from the same columns
+            with torch.no_grad():
+                chunk = self.action_head.predict_action(vlm_hidden.detach(), batch["attention_mask"], states)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.eos.loss_type != "buffer"):
+            hidden = self.eos_hidden(vlm_hidden, batch["attention_mask"], chunk, states)
+    return self.eos(hidden, batch["eos"], mask)
+
+# %% ../nbs/21_policy.ipynb #dc9cc0e8
+@patch
+@torch.no_grad()
+def predict_action(self: ECoTPolicy, images, instruction, state=None, seed: int | Sequence[int] = 0,
+                   num_steps: Optional[int] = None, with_reasoning: bool = True,
+                   max_new_tokens: Optional[int] = None, unnorm_key: Optional[str] = None,
+                   clip: bool = True) -> dict[str, Any]:
+    """Act as trained: reason (latent columns, then text), then the action chunk (see `ecot.inference`).
+
+    One observation: `images` a camera view (uint8 (H, W, 3) array or PIL image) or a list of views,
+    `instruction` a str, `state` the raw robot state. A batch: a list of each, one entry per row. `seed` fixes
+    the action head's noise (an int: the same for every row, so each row gets what it would alone)."""
+    batched = isinstance(instruction, (list, tuple))
+    if batched:
+        states = [None] * len(instruction) if state is None else list(state)
+        for name, v in (("images", images), ("state", states)):
+            if len(v) != len(instruction):
+                raise ValueError(f"{name}: {len(v)} entries for {len(instruction)} instructions (one per row)")
+    rows = list(zip(images, instruction, states)) if batched else [(images, instruction, state)]
+    return self.act_on(self.observation_batch(rows, unnorm_key), seed, num_steps, with_reasoning, max_new_tokens,
+                       unnorm_key, clip)
+
+
+@patch
+def observation_batch(self: ECoTPolicy, rows: Sequence[tuple], unnorm_key: Optional[str] = None) -> PromptBatch:
+    "(images, instruction, state) rows -> the prompt batch, each row transformed as the dataset did."
+    if self.processor is None:
+        raise ValueError("predict_action needs the policy's processor (saved with it by save_pretrained): pass "
+                         "processor= to ECoTPolicy.build or from_pretrained")
+    state_dim = self.action_head.state_dim
+    stats = dataset_statistics_of(self.dataset_statistics, unnorm_key) if self.dataset_statistics else {}
+    if state_dim and "state" not in stats:
+        raise ValueError("this policy reads the robot state but has no `state` statistics to normalise it with "
+                         "(dataset_statistics.json of the run)")
+    for i, (_, _, state) in enumerate(rows):
+        if state_dim and state is None:
+            raise ValueError(f"state of observation {i}: this policy reads a {state_dim}-dim robot state; got None")
+    samples = [observation_sample(im, ins, st if state_dim else None, self.acting, stats.get("state"), state_dim)
+               for im, ins, st in rows]
+    return self.prompt_batch(samples)
+
+
+@patch
+def prompt_batch(self: ECoTPolicy, samples: Sequence[Mapping]) -> PromptBatch:
+    "Samples (`image` views, `lang`, normalised `state`) -> the prompt batch of the acting layout."
+    collator = self.acting.collator(self.processor)
+    return collator.prompts(samples, self.reasoner.pad_to_multiple_of if self.reasoner.graphs_on(self.device) else 1)
+
+# %% ../nbs/21_policy.ipynb #870fb277
+@patch
+@torch.no_grad()
+def act_on(self: ECoTPolicy, batch: PromptBatch, seed: int | Sequence[int] = 0, num_steps: Optional[int] = None,
+           with_reasoning: bool = True, max_new_tokens: Optional[int] = None, unnorm_key: Optional[str] = None,
+           clip: bool = True, expected: bool = False) -> dict[str, Any]:
+    """The inference path on a prompt batch (`prompt_batch` of samples as the dataset gives them: frames
+    transformed, state normalised); `predict_action`'s result. Held-out evaluation acts on dataset frames here.
+    `expected`: also the policy's expected chunk (`expected_normalized_actions`), see below."""
+    spec = self.acting
+    B = batch["input_ids"].shape[0]
+    # a policy that never saw reasoning text (dropout 1) acts without it: the layout it was trained on
+    decode = with_reasoning and bool(spec.text_tags) and spec.reasoning_dropout_prob < 1.0
+    if not with_reasoning and spec.text_tags and spec.reasoning_dropout_prob <= 0:
+        raise ValueError(f"with_reasoning = False: this policy was trained at stage {spec.stage} with the text of "
+                         f"{list(spec.text_tags)} in every row (reasoning_dropout_prob = 0); acting without it "
+                         "would show the action head a layout it never saw. Train with reasoning dropout to allow it")
+    # at most what fits model_max_length after the longest prompt and the thinking span (training cut the rest)
+    span = spec.n_thinking + 1 if spec.stage else 0  # thinking columns and <|end_of_thinking|>
+    room = spec.model_max_length - int(batch["attention_mask"].sum(1).max()) - span - 1
+    max_new = max(0, min(room, spec.max_new_tokens if max_new_tokens is None else max_new_tokens))
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
+    if len(seeds) != B:
+        raise ValueError(f"seed: {len(seeds)} seeds for {B} observations")
+    shape = (self.action_head.chunk_len, self.action_head.action_dim)
+    noise = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    was_training = self.training  # (switching modes walks every module: a few ms, so only when needed)
+    if was_training:
+        self.eval()
+    try:
+        r = self.reasoner(batch, spec.n_thinking, max_new, noise, num_steps, decode=decode)
+    finally:
+        if was_training:
+            self.train()
+    tok = self.processor.tokenizer
+    text = [tok.decode(t, skip_special_tokens=True) for t in r.token_ids]
+    norm = r.outputs["normalized_actions"].float().cpu().numpy()
+    stats = self.dataset_statistics
+    out = {"actions": unnormalize_actions(norm, action_statistics(stats, unnorm_key), clip) if stats else norm,
+           "normalized_actions": norm, "reasoning": [parse_reasoning(t, spec.tags) for t in text],
+           "reasoning_text": text, "truncated": r.truncated, "stage": spec.stage, "n_columns": r.n_columns,
+           "path": "latent" if spec.stage else "single"}
+    if "eos_probs" in r.outputs:
+        out["eos_probs"] = r.outputs["eos_probs"].float().cpu().numpy()
+    if expected:  # one Euler step from t = 0 lands on E[a | obs]: flow matching fits v(x, 0) = E[a | obs] - x
+        states = batch.get("states")
+        states = None if states is None else states.to(r.hidden.device, r.hidden.dtype)
+        mean = self.action_head.predict_action(r.hidden, r.mask, states, 1, noise=noise.to(r.hidden.device))
+        out["expected_normalized_actions"] = mean.float().cpu().numpy()
+    if r.timings:  # with policy.reasoner.timed: ms per phase
+        out["timings"] = r.timings
+    return out
+
+
+@patch(as_prop=True)
+def reasoner(self: ECoTPolicy) -> Reasoner:
+    "The inference path over this policy's backbone and heads (built on first use; keeps its CUDA graphs)."
+    if self._reasoner is None or self._reasoner.cuda_graphs != self.cuda_graphs:
+        tok = self.processor.tokenizer
+        ids = lambda t: tok.convert_tokens_to_ids(t)
+        self._reasoner = Reasoner(self.backbone, self._act, ids("<|im_end|>"), ids(self.acting.tokens[2]),
+                                  tok.pad_token_id, [] if tok.eos_token_id is None else [tok.eos_token_id],
+                                  cuda_graphs=self.cuda_graphs)
+    return self._reasoner
+
+
+@patch
+def _act(self: ECoTPolicy, hidden, mask, states, noise, num_steps=None) -> dict:
+    "The action head (and EOS head, read at the predicted chunk as in training at the true one) on VLM columns."
+    pred = self.action_head.predict_action(hidden, mask, states, num_steps, noise=noise)
+    out = {"normalized_actions": pred}
+    if self.eos is not None:
+        out["eos_probs"] = self.eos.probabilities(self.eos_hidden(hidden, mask, pred, states)).float()
+    return out
+
+# %% ../nbs/21_policy.ipynb #018e0283
 def fsync_tree(root: Path, recursive: bool = True):
     "fsync every file and folder under `root` (only `root` itself with `recursive=False`)."
     for p in (sorted(root.rglob("*")) if recursive else []) + [root]:
@@ -41,6 +331,41 @@ def fsync_tree(root: Path, recursive: bool = True):
             os.close(fd)
 
 
+@patch
+def save_pretrained(self: ECoTPolicy, path, stage: Optional[int] = None) -> Path:
+    """Write weights, the config sections (`policy`, `action_head`, `eos`), acting spec (at `stage` if given), VLM config,
+    processor and statistics to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        save_model(self, str(tmp / "model.safetensors"))
+        vlm = self.backbone.vlm
+        self.backbone.vlm.config.save_pretrained(tmp / "vlm")
+        acting = self.acting if stage is None else replace(self.acting, stage=stage)
+        cfg = dict(policy=self.config.to_dict(), action_head=self.action_head.config.to_dict(),
+                   eos=None if self.eos is None else self.eos.config.to_dict(), acting=acting.to_dict(),
+                   attn_implementation=vlm.config._attn_implementation,
+                   dtypes={"vlm": str(vlm.dtype).removeprefix("torch."),
+                           "action_head": str(next(self.action_head.parameters()).dtype).removeprefix("torch.")})
+        (tmp / "policy_config.json").write_text(json.dumps(cfg, indent=2))
+        if self.dataset_statistics is not None:
+            (tmp / "dataset_statistics.json").write_text(json.dumps(self.dataset_statistics, indent=2))
+        if self.processor is not None:
+            self.processor.save_pretrained(str(tmp / "processor"))
+        fsync_tree(tmp)  # on disk before the rename publishes it: a crash leaves the old policy or the new one
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        fsync_tree(path.parent, recursive=False)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+# %% ../nbs/21_policy.ipynb #43b063ad
 # policy_config.json keys of the action head before its section (`action_head`): old name -> ActionHeadConfig field
 _FLAT_HEAD_KEYS = dict(action_dim="action_dim", chunk_len="chunk_len", state_dim="state_dim",
                        action_hidden_size="hidden_size", action_num_layers="num_layers", action_num_heads="num_heads",
@@ -48,297 +373,37 @@ _FLAT_HEAD_KEYS = dict(action_dim="action_dim", chunk_len="chunk_len", state_dim
                        noise_beta_beta="noise_beta_beta", noise_s="noise_s")
 
 
-class ECoTPolicy(nn.Module):
-    "Qwen3-VL backbone + flow-matching DiT action head; `forward(batch)` -> losses, `predict_action` -> actions."
-
-    def __init__(self, vlm: Qwen3VLForConditionalGeneration,
-                 action_head: ActionHeadConfig | Mapping = ActionHeadConfig(), vlm_hidden_layer: int = -1,
-                 repeated_diffusion_steps: int = 4, compute_language_loss: bool = True,
-                 vlm_loss_weight: float = 0.1, seed: int = 0, processor=None,
-                 acting: Optional[ActingSpec | Mapping] = None, dataset_statistics: Optional[dict] = None,
-                 eos: Optional[EOSConfig | Mapping] = None):
-        """`action_head` and `eos`: the heads' sections (`ActionHeadConfig.from_section(framework.action_model)`,
-        `EOSConfig.from_section(...)`; eos None: no EOS head), saved by `save_pretrained` in `policy_config.json`."""
-        super().__init__()
-        eos = EOSConfig(**eos) if isinstance(eos, Mapping) else eos
-        head = ActionHeadConfig(**action_head) if isinstance(action_head, Mapping) else action_head
-        # the policy's own hyper-parameters (the heads' sections are saved beside them)
-        self.hparams = dict(vlm_hidden_layer=vlm_hidden_layer, repeated_diffusion_steps=repeated_diffusion_steps,
-                            compute_language_loss=compute_language_loss, vlm_loss_weight=vlm_loss_weight, seed=seed)
-        self.backbone = QwenVLBackbone(vlm, hidden_layer=vlm_hidden_layer)
-        with torch.random.fork_rng(devices=[]):  # seeded head init, global RNG untouched
-            torch.manual_seed(seed)
-            self.action_head = FlowMatchingActionHead(self.backbone.hidden_size, head)
-            # after the action head, so turning EOS on leaves the action head's initialisation unchanged
-            # (its section, calibrated threshold included, is saved as `eos` in policy_config.json)
-            self.eos = EOSObjective(head.hidden_size, eos, seed) if eos is not None else None
-        self.repeated_diffusion_steps, self.compute_language_loss = repeated_diffusion_steps, compute_language_loss
-        self.vlm_loss_weight = vlm_loss_weight
-        self.processor, self.dataset_statistics = processor, dataset_statistics
-        self.acting = acting if isinstance(acting, ActingSpec) else ActingSpec.from_dict(acting or {})
-        self.cuda_graphs = True  # inference steps as CUDA graphs on CUDA (see ecot.inference)
-        self._reasoner: Optional[Reasoner] = None
-
-    @classmethod
-    def build(cls, base_vlm: str = TINY_VLM, tokenizer=None, attn_implementation: str = "sdpa",
-              vlm_dtype: Optional[torch.dtype] = None, tiny_vlm: Optional[dict] = None, seed: int = 0,
-              **kwargs) -> "ECoTPolicy":
-        "Build the VLM (`'tiny'` preset or a local weights directory; ids/vocab from `tokenizer`) and the policy."
-        vlm = build_qwen3vl(base_vlm, tokenizer, attn_implementation=attn_implementation, dtype=vlm_dtype,
-                            seed=seed, **(tiny_vlm or {}))
-        if "processor" not in kwargs and tokenizer is not None and hasattr(tokenizer, "tokenizer"):
-            kwargs["processor"] = tokenizer  # a processor was given: keep it for saving and decoding
-        return cls(vlm, seed=seed, **kwargs)
-
-    @property
-    def device(self) -> torch.device: return next(self.parameters()).device
-
-    @property
-    def eos_buffer(self) -> Optional[EOSBufferManager]:
-        "The EOS head's class-balanced buffer (None without EOS head): register it as a Trainer extra to checkpoint it."
-        return None if self.eos is None else self.eos.buffer
-
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    def run_backbone(self, batch: Batch, with_labels: bool):
-        "The VLM on a batch: latent path when the batch is at stage >= 1 and has thinking tokens."
-        stage = int(batch.get("stage", 0))
-        think_start = batch.get("think_start") if stage >= 1 else None
-        labels = batch.get("labels") if with_labels else None
-        return self.backbone(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                             batch.get("pixel_values"), batch.get("image_grid_thw"), labels=labels,
-                             think_start=think_start, think_counts=batch.get("think_counts"))
-
-    def forward(self, batch: Batch) -> dict[str, Any]:
-        "Losses on a collated batch: action_loss, vlm_loss (when computed), total_loss; plus path and n_passes."
-        missing = [k for k in ("input_ids", "attention_mask", "position_ids", "actions") if k not in batch]
-        if missing:
-            raise KeyError(f"batch lacks {missing}: expected the collator's batch, ecot.collate.Batch "
-                           "(ecot.collate.check_batch checks one in full)")
-        batch = self._to_device(batch)
-        vlm = self.run_backbone(batch, with_labels=self.compute_language_loss)
-        act = self.action_head(vlm.hidden_states, batch["attention_mask"], batch["actions"], batch.get("action_mask"),
-                               batch.get("states"), self.repeated_diffusion_steps, return_hidden=True)
-        out = {"action_loss": act["action_loss"], "action_hidden": act["action_hidden"],
-               "path": vlm.path, "n_passes": vlm.n_passes}
-        total = act["action_loss"]
-        if vlm.vlm_loss is not None:
-            out["vlm_loss"] = vlm.vlm_loss
-            total = total + self.vlm_loss_weight * vlm.vlm_loss
-        if self.eos is not None:
-            eos_loss, metrics = self.eos_forward(vlm.hidden_states, act["action_hidden"], batch)
-            out.update(metrics)
-            if eos_loss is not None:
-                out["eos_loss"] = eos_loss
-                total = total + self.eos.config.weight * eos_loss
-        out["total_loss"] = total
-        return out
-
-    def derived_metrics(self, record: dict) -> dict:
-        "Rates from metrics the trainer summed over a window and the ranks: EOS scores from its counts."
-        return eos_scores(record) if "eos_tp_count" in record else {}
-
-    def eos_hidden(self, vlm_hidden: torch.Tensor, attention_mask: torch.Tensor, actions: torch.Tensor,
-                   states: Optional[torch.Tensor] = None) -> torch.Tensor:
-        "Action-head hidden states (B, chunk, hidden) at a clean chunk (t = 1): ground truth in training, prediction at inference."
-        t = torch.ones(actions.shape[0], device=actions.device)
-        return self.action_head.velocity(actions.float(), t, vlm_hidden, attention_mask, states, return_hidden=True)[1]
-
-    def eos_forward(self, vlm_hidden: torch.Tensor, action_hidden: torch.Tensor,
-                    batch: Batch) -> tuple[Optional[torch.Tensor], dict]:
-        "EOS loss (None while the buffer fills or nothing is labelled) and metrics."
-        if batch.get("eos") is None:
-            return None, {"eos_ready": 0.0, "eos_labelled_steps": 0.0}
-        mask = batch["eos_mask"].bool() if batch.get("eos_mask") is not None else torch.ones_like(batch["eos"], dtype=torch.bool)
-        if batch.get("action_mask") is not None:
-            mask = mask & batch["action_mask"].bool()
-        B = batch["actions"].shape[0]
-        if self.eos.config.input == "noisy":
-            # action_hidden is (R·B, chunk, hidden), repeat r of sample b at row r·B + b: the first repeat (rows
-            # 0..B-1) lines up with the labels; each frame then counts once, and the buffer holds distinct frames
-            hidden = action_hidden[:B]
-        else:  # buffer: the head's gradient comes from re-run buffered states, so this pass needs no graph
-            states = batch.get("states")
-            chunk = batch["actions"]
-            if self.eos.config.input == "predicted":  # the chunk inference hands the head: denoised from the same columns
-                with torch.no_grad():
-                    chunk = self.action_head.predict_action(vlm_hidden.detach(), batch["attention_mask"], states)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.eos.loss_type != "buffer"):
-                hidden = self.eos_hidden(vlm_hidden, batch["attention_mask"], chunk, states)
-        return self.eos(hidden, batch["eos"], mask)
-
-    @torch.no_grad()
-    def predict_action(self, images, instruction, state=None, seed: int | Sequence[int] = 0,
-                       num_steps: Optional[int] = None, with_reasoning: bool = True,
-                       max_new_tokens: Optional[int] = None, unnorm_key: Optional[str] = None,
-                       clip: bool = True) -> dict[str, Any]:
-        """Act as trained: reason (latent columns, then text), then the action chunk (see `ecot.inference`).
-
-        One observation: `images` a camera view (uint8 (H, W, 3) array or PIL image) or a list of views,
-        `instruction` a str, `state` the raw robot state. A batch: a list of each, one entry per row. `seed` fixes
-        the action head's noise (an int: the same for every row, so each row gets what it would alone)."""
-        batched = isinstance(instruction, (list, tuple))
-        if batched:
-            states = [None] * len(instruction) if state is None else list(state)
-            for name, v in (("images", images), ("state", states)):
-                if len(v) != len(instruction):
-                    raise ValueError(f"{name}: {len(v)} entries for {len(instruction)} instructions (one per row)")
-        rows = list(zip(images, instruction, states)) if batched else [(images, instruction, state)]
-        return self.act_on(self.observation_batch(rows, unnorm_key), seed, num_steps, with_reasoning, max_new_tokens,
-                           unnorm_key, clip)
-
-    @torch.no_grad()
-    def act_on(self, batch: PromptBatch, seed: int | Sequence[int] = 0, num_steps: Optional[int] = None,
-               with_reasoning: bool = True, max_new_tokens: Optional[int] = None, unnorm_key: Optional[str] = None,
-               clip: bool = True, expected: bool = False) -> dict[str, Any]:
-        """The inference path on a prompt batch (`prompt_batch` of samples as the dataset gives them: frames
-        transformed, state normalised); `predict_action`'s result. Held-out evaluation acts on dataset frames here.
-        `expected`: also the policy's expected chunk (`expected_normalized_actions`), see below."""
-        spec = self.acting
-        B = batch["input_ids"].shape[0]
-        # a policy that never saw reasoning text (dropout 1) acts without it: the layout it was trained on
-        decode = with_reasoning and bool(spec.text_tags) and spec.reasoning_dropout_prob < 1.0
-        if not with_reasoning and spec.text_tags and spec.reasoning_dropout_prob <= 0:
-            raise ValueError(f"with_reasoning = False: this policy was trained at stage {spec.stage} with the text of "
-                             f"{list(spec.text_tags)} in every row (reasoning_dropout_prob = 0); acting without it "
-                             "would show the action head a layout it never saw. Train with reasoning dropout to allow it")
-        # at most what fits model_max_length after the longest prompt and the thinking span (training cut the rest)
-        span = spec.n_thinking + 1 if spec.stage else 0  # thinking columns and <|end_of_thinking|>
-        room = spec.model_max_length - int(batch["attention_mask"].sum(1).max()) - span - 1
-        max_new = max(0, min(room, spec.max_new_tokens if max_new_tokens is None else max_new_tokens))
-        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * B
-        if len(seeds) != B:
-            raise ValueError(f"seed: {len(seeds)} seeds for {B} observations")
-        shape = (self.action_head.chunk_len, self.action_head.action_dim)
-        noise = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        was_training = self.training  # (switching modes walks every module: a few ms, so only when needed)
-        if was_training:
-            self.eval()
-        try:
-            r = self.reasoner(batch, spec.n_thinking, max_new, noise, num_steps, decode=decode)
-        finally:
-            if was_training:
-                self.train()
-        tok = self.processor.tokenizer
-        text = [tok.decode(t, skip_special_tokens=True) for t in r.token_ids]
-        norm = r.outputs["normalized_actions"].float().cpu().numpy()
-        stats = self.dataset_statistics
-        out = {"actions": unnormalize_actions(norm, action_statistics(stats, unnorm_key), clip) if stats else norm,
-               "normalized_actions": norm, "reasoning": [parse_reasoning(t, spec.tags) for t in text],
-               "reasoning_text": text, "truncated": r.truncated, "stage": spec.stage, "n_columns": r.n_columns,
-               "path": "latent" if spec.stage else "single"}
-        if "eos_probs" in r.outputs:
-            out["eos_probs"] = r.outputs["eos_probs"].float().cpu().numpy()
-        if expected:  # one Euler step from t = 0 lands on E[a | obs]: flow matching fits v(x, 0) = E[a | obs] - x
-            states = batch.get("states")
-            states = None if states is None else states.to(r.hidden.device, r.hidden.dtype)
-            mean = self.action_head.predict_action(r.hidden, r.mask, states, 1, noise=noise.to(r.hidden.device))
-            out["expected_normalized_actions"] = mean.float().cpu().numpy()
-        if r.timings:  # with policy.reasoner.timed: ms per phase
-            out["timings"] = r.timings
-        return out
-
-    def observation_batch(self, rows: Sequence[tuple], unnorm_key: Optional[str] = None) -> PromptBatch:
-        "(images, instruction, state) rows -> the prompt batch, each row transformed as the dataset did."
-        if self.processor is None:
-            raise ValueError("predict_action needs the policy's processor (saved with it by save_pretrained): pass "
-                             "processor= to ECoTPolicy.build or from_pretrained")
-        state_dim = self.action_head.state_dim
-        stats = dataset_statistics_of(self.dataset_statistics, unnorm_key) if self.dataset_statistics else {}
-        if state_dim and "state" not in stats:
-            raise ValueError("this policy reads the robot state but has no `state` statistics to normalise it with "
-                             "(dataset_statistics.json of the run)")
-        for i, (_, _, state) in enumerate(rows):
-            if state_dim and state is None:
-                raise ValueError(f"state of observation {i}: this policy reads a {state_dim}-dim robot state; got None")
-        samples = [observation_sample(im, ins, st if state_dim else None, self.acting, stats.get("state"), state_dim)
-                   for im, ins, st in rows]
-        return self.prompt_batch(samples)
-
-    def prompt_batch(self, samples: Sequence[Mapping]) -> PromptBatch:
-        "Samples (`image` views, `lang`, normalised `state`) -> the prompt batch of the acting layout."
-        collator = self.acting.collator(self.processor)
-        return collator.prompts(samples, self.reasoner.pad_to_multiple_of if self.reasoner.graphs_on(self.device) else 1)
-
-    @property
-    def reasoner(self) -> Reasoner:
-        "The inference path over this policy's backbone and heads (built on first use; keeps its CUDA graphs)."
-        if self._reasoner is None or self._reasoner.cuda_graphs != self.cuda_graphs:
-            tok = self.processor.tokenizer
-            ids = lambda t: tok.convert_tokens_to_ids(t)
-            self._reasoner = Reasoner(self.backbone, self._act, ids("<|im_end|>"), ids(self.acting.tokens[2]),
-                                      tok.pad_token_id, [] if tok.eos_token_id is None else [tok.eos_token_id],
-                                      cuda_graphs=self.cuda_graphs)
-        return self._reasoner
-
-    def _act(self, hidden, mask, states, noise, num_steps=None) -> dict:
-        "The action head (and EOS head, read at the predicted chunk as in training at the true one) on VLM columns."
-        pred = self.action_head.predict_action(hidden, mask, states, num_steps, noise=noise)
-        out = {"normalized_actions": pred}
-        if self.eos is not None:
-            out["eos_probs"] = self.eos.probabilities(self.eos_hidden(hidden, mask, pred, states)).float()
-        return out
-
-    def save_pretrained(self, path, stage: Optional[int] = None) -> Path:
-        "Write weights, hyper-parameters, acting spec (at `stage` if given), VLM config, processor and statistics to `path`."
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir()
-        try:
-            save_model(self, str(tmp / "model.safetensors"))
-            vlm = self.backbone.vlm
-            self.backbone.vlm.config.save_pretrained(tmp / "vlm")
-            acting = self.acting if stage is None else replace(self.acting, stage=stage)
-            cfg = dict(self.hparams, action_head=self.action_head.config.to_dict(),
-                       eos=None if self.eos is None else self.eos.config.to_dict(), acting=acting.to_dict(), attn_implementation=vlm.config._attn_implementation,
-                       dtypes={"vlm": str(vlm.dtype).removeprefix("torch."),
-                               "action_head": str(next(self.action_head.parameters()).dtype).removeprefix("torch.")})
-            (tmp / "policy_config.json").write_text(json.dumps(cfg, indent=2))
-            if self.dataset_statistics is not None:
-                (tmp / "dataset_statistics.json").write_text(json.dumps(self.dataset_statistics, indent=2))
-            if self.processor is not None:
-                self.processor.save_pretrained(str(tmp / "processor"))
-            fsync_tree(tmp)  # on disk before the rename publishes it: a crash leaves the old policy or the new one
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            if path.exists():
-                path.rename(old)
-            tmp.rename(path)
-            fsync_tree(path.parent, recursive=False)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
-
-    @classmethod
-    def from_pretrained(cls, path, processor=None, device=None, attn_implementation: Optional[str] = None) -> "ECoTPolicy":
-        "Reload a `save_pretrained` directory (no hub access): same outputs as the saved policy."
-        path = Path(path)
-        cfg_file = path / "policy_config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{cfg_file} does not exist: expected a directory written by ECoTPolicy.save_pretrained")
-        cfg = json.loads(cfg_file.read_text())
-        dtypes = cfg.pop("dtypes", {})
-        attn = resolve_attn_implementation(attn_implementation or cfg.pop("attn_implementation", "sdpa"))
-        cfg.pop("attn_implementation", None)
-        if "action_head" not in cfg:  # saved before the action head's section: its flat keys
-            cfg["action_head"] = {new: cfg.pop(old) for old, new in _FLAT_HEAD_KEYS.items() if old in cfg}
-        if "eos" not in cfg:  # saved before the EOS section: its flat framework.action_model keys
-            cfg["eos"] = EOSConfig.from_section(cfg)
-            for k in EOSConfig.section_keys():
-                cfg.pop(k, None)
-        vlm = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig.from_pretrained(str(path / "vlm")),
-                                                           attn_implementation=attn)
-        if processor is None and (path / "processor").is_dir():
-            from transformers import AutoProcessor
-            from ecot.processor import torchvision_free_video_processor  # GPU hosts may lack torchvision
-            with torchvision_free_video_processor():
-                processor = AutoProcessor.from_pretrained(str(path / "processor"), local_files_only=True)
-        stats_file = path / "dataset_statistics.json"
-        stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
-        policy = cls(vlm, processor=processor, dataset_statistics=stats, **cfg)
-        policy.backbone.vlm.to(getattr(torch, dtypes.get("vlm", "float32")))
-        policy.action_head.to(getattr(torch, dtypes.get("action_head", "float32")))
-        load_model(policy, str(path / "model.safetensors"), strict=True)
-        return policy.to(device) if device is not None else policy
+@patch(cls_method=True)
+def from_pretrained(cls: ECoTPolicy, path, processor=None, device=None,
+                    attn_implementation: Optional[str] = None) -> ECoTPolicy:
+    "Reload a `save_pretrained` directory (no hub access): same outputs as the saved policy."
+    path = Path(path)
+    cfg_file = path / "policy_config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} does not exist: expected a directory written by ECoTPolicy.save_pretrained")
+    cfg = json.loads(cfg_file.read_text())
+    dtypes = cfg.pop("dtypes", {})
+    attn = resolve_attn_implementation(attn_implementation or cfg.pop("attn_implementation", "sdpa"))
+    cfg.pop("attn_implementation", None)
+    if "policy" not in cfg:  # saved before the policy's section: its keys flat at the top level
+        cfg["policy"] = {f.name: cfg.pop(f.name) for f in fields(PolicyConfig) if f.name in cfg}
+    if "action_head" not in cfg:  # saved before the action head's section: its flat keys
+        cfg["action_head"] = {new: cfg.pop(old) for old, new in _FLAT_HEAD_KEYS.items() if old in cfg}
+    if "eos" not in cfg:  # saved before the EOS section: its flat framework.action_model keys
+        cfg["eos"] = EOSConfig.from_section(cfg)
+        for k in EOSConfig.section_keys():
+            cfg.pop(k, None)
+    vlm = Qwen3VLForConditionalGeneration._from_config(Qwen3VLConfig.from_pretrained(str(path / "vlm")),
+                                                       attn_implementation=attn)
+    if processor is None and (path / "processor").is_dir():
+        from transformers import AutoProcessor
+        from ecot.processor import torchvision_free_video_processor  # GPU hosts may lack torchvision
+        with torchvision_free_video_processor():
+            processor = AutoProcessor.from_pretrained(str(path / "processor"), local_files_only=True)
+    stats_file = path / "dataset_statistics.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
+    policy = cls(vlm, cfg.pop("policy"), processor=processor, dataset_statistics=stats, **cfg)
+    policy.backbone.vlm.to(getattr(torch, dtypes.get("vlm", "float32")))
+    policy.action_head.to(getattr(torch, dtypes.get("action_head", "float32")))
+    load_model(policy, str(path / "model.safetensors"), strict=True)
+    return policy.to(device) if device is not None else policy

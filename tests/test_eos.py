@@ -158,7 +158,7 @@ def test_policy_eos_head_gets_gradients_through_the_buffer():
             break
         assert "eos_loss" not in out
     assert out["eos_ready"] == 1.0 and out["eos_buffer_pos"] >= 2 and out["eos_buffer_neg"] >= 4
-    torch.testing.assert_close(out["total_loss"], out["action_loss"] + pol.vlm_loss_weight * out["vlm_loss"]
+    torch.testing.assert_close(out["total_loss"], out["action_loss"] + pol.config.vlm_loss_weight * out["vlm_loss"]
                                + pol.eos.config.weight * out["eos_loss"])
     pol.zero_grad()
     out["total_loss"].backward()

@@ -6,6 +6,7 @@ import sys
 import textwrap
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from ecot.action_head import ActionHeadConfig
 from ecot.backbone import QwenVLBackbone, build_qwen3vl
 from ecot.reference import compare_latent_to_reference, loop_latent_forward
 from ecot.testing import float64_rmsnorm, toy_batch
-from ecot.policy import ECoTPolicy
+from ecot.policy import ECoTPolicy, PolicyConfig
 
 
 class ToyTok:
@@ -130,7 +131,7 @@ def test_stage0_equals_transformers_forward():
 
 def _policy(**kw):
     args = dict(action_head=ActionHeadConfig(action_dim=7, chunk_len=4, state_dim=7, hidden_size=64, num_layers=2),
-                repeated_diffusion_steps=8, vlm_loss_weight=0.5)
+                config=PolicyConfig(repeated_diffusion_steps=8, vlm_loss_weight=0.5))
     args.update(kw)
     return ECoTPolicy.build("tiny", ToyTok(), **args)
 
@@ -157,11 +158,11 @@ def test_overfit_one_batch_latent():
         with torch.random.fork_rng():
             torch.manual_seed(1234)
             pol.eval()
-            pol.repeated_diffusion_steps = 32
+            pol.config = replace(pol.config, repeated_diffusion_steps=32)
             with torch.no_grad():
                 loss = pol(batch)["action_loss"].item()
             pol.train()
-            pol.repeated_diffusion_steps = 8
+            pol.config = replace(pol.config, repeated_diffusion_steps=8)
         return loss
 
     opt = torch.optim.AdamW(pol.parameters(), lr=2e-3)
@@ -196,7 +197,7 @@ def _acting_policy(processor, stage=2, **kw):
     from ecot.inference import ActingSpec
     return ECoTPolicy.build("tiny", processor, 
                             action_head=ActionHeadConfig(action_dim=7, chunk_len=4, state_dim=7, hidden_size=32, num_layers=1),
-                            dataset_statistics=STATS, seed=1,
+                            dataset_statistics=STATS, config=PolicyConfig(seed=1),
                             acting=ActingSpec(stage=stage, image_size=(64, 64), max_new_tokens=5), **kw)
 
 
