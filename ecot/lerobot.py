@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -131,6 +130,7 @@ def decode_video_frames(path, timestamps: Sequence[float], tolerance_s: float = 
     if not path.is_file():
         raise LeRobotFormatError(f"{path} is missing: expected the video holding frames at "
                                  f"{timestamps[0]:.3f}..{timestamps[-1]:.3f} s")
+    import av  # PyAV (FFmpeg) only where video is decoded: the RLDS channel and GPU hosts without it never load it
     wanted = np.asarray(timestamps, np.float64)
     got_ts, got = [], []
     try:

@@ -15,7 +15,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
-import av
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -99,6 +98,7 @@ def _lerobot_stats(columns: dict[str, np.ndarray]) -> dict:
 
 def encode_video(frames, path: Path, fps: int = LEROBOT_FPS) -> int:
     "Encode RGB frames (an iterable of (H, W, 3) uint8) to an AV1 mp4 at `path` as lerobot does; returns the count."
+    import av  # PyAV (FFmpeg) only where video is written (see ecot.lerobot.decode_video_frames)
     path.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole configuration to stderr otherwise; 1: errors only
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.mp4")

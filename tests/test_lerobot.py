@@ -244,3 +244,12 @@ def test_unknown_dataset_py_lists_lerobot():
     from ecot.build import build_dataset
     with pytest.raises(ValueError, match="'lerobot_datasets'"):
         build_dataset(cfg)
+
+
+def test_training_imports_without_pyav():
+    "PyAV (FFmpeg) loads only where video is decoded or written: an RLDS run builds on a host without it."
+    import subprocess
+    import sys
+    code = "import sys; sys.modules['av'] = None; import ecot.run, ecot.lerobot, ecot.lerobot_writer; print('ok')"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
