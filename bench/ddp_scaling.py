@@ -28,6 +28,8 @@ def launch(nproc: int, run_dir: Path, a) -> None:
     "One training run on `nproc` processes; this file is the per-process program (`--worker`)."
     train = ["--config", a.config, "--stage", str(a.stage), "--max-steps", str(a.steps), "--run-dir", str(run_dir),
              "--wandb-mode", "disabled", "--override", f"trainer.logging_frequency={a.log_every}"]
+    for o in a.override:
+        train += ["--override", o]
     if a.batch_size:
         train += ["--batch-size", str(a.batch_size)]
     if torch.cuda.is_available():
@@ -77,6 +79,8 @@ def main():
     ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     ap.add_argument("--reuse", action="store_true", help="read runs already in --out instead of running them again")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for both runs (repeatable), e.g. trainer.eval_samples=0")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(a.out or tmp)

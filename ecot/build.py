@@ -91,8 +91,11 @@ FRAME_SOURCES["lerobot_datasets"] = build_lerobot_dataset
 
 
 def build_loader(cfg: Config, dataset: ECoTRLDSDataset):
-    "The DataLoader of sample lists (collation happens in the trainer, at the current stage); one pass = one epoch."
-    return make_dataloader(dataset, cfg.datasets.vla_data.per_device_batch_size, cfg.datasets.vla_data.num_workers)
+    """The DataLoader of sample lists (collation happens in the trainer, at the current stage); one pass = one epoch.
+    Each worker's last partial batch is dropped: a smaller batch is a new shape, which a compiled model recompiles
+    for (and every rank waits), at every epoch's end."""
+    v = cfg.datasets.vla_data
+    return make_dataloader(dataset, v.per_device_batch_size, v.num_workers, drop_last=True)
 
 
 def plain_statistics(stats: dict) -> dict:
@@ -122,7 +125,7 @@ def acting_spec(cfg: Config, stage: Optional[int] = None) -> ActingSpec:
 
 def build_collator(cfg: Config, processor) -> ECoTCollator:
     "The collator at the run's starting stage (the trainer moves it along the curriculum)."
-    return acting_spec(cfg).collator(processor)
+    return acting_spec(cfg).collator(processor, pad_to_multiple_of=cfg.datasets.vla_data.pad_to_multiple_of)
 
 
 def build_policy(cfg: Config, processor, dataset_statistics: Optional[dict] = None) -> ECoTPolicy:

@@ -20,8 +20,8 @@ from .render import THINKING_TOKENS, ThinkingTokens, check_stage, check_think_co
 
 # %% auto #0
 __all__ = ['BATCH_TENSORS', 'BATCH_KEYS', 'SAMPLE_KEYS', 'TOY_REASONING', 'ROLES', 'Batch', 'PromptBatch', 'TensorSpec',
-           'mrope_position_ids', 'ECoTCollator', 'check_samples', 'stack_robot_data', 'stack_states', 'stack_eos',
-           'toy_sample', 'check_batch', 'token_roles', 'masked_share']
+           'mrope_position_ids', 'round_up', 'ECoTCollator', 'check_samples', 'stack_robot_data', 'stack_states',
+           'stack_eos', 'toy_sample', 'check_batch', 'token_roles', 'masked_share']
 
 # %% ../nbs/12_collate.ipynb #776c1455
 class _BatchRequired(TypedDict):
@@ -103,13 +103,21 @@ def mrope_position_ids(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
     return pos
 
 # %% ../nbs/12_collate.ipynb #94a10c9d
+def round_up(n: int, m: int) -> int:
+    "`n` rounded up to a multiple of `m`."
+    return -(-n // m) * m
+
+
 class ECoTCollator:
     "Samples -> the policy `Batch`: chat prompt + images, stage-rendered reasoning, masked labels, aligned padding."
 
     def __init__(self, processor, stage: int = 0, thinking_token_count: int = 2,
                  tag2think_count: Optional[Mapping[str, int]] = None, model_max_length: int = 1024,
                  tokens: ThinkingTokens = THINKING_TOKENS, spatial_merge_size: Optional[int] = None,
-                 model_config: Any = None, system_prompt: Optional[str] = None, tags: Sequence[str] = TAGS):
+                 model_config: Any = None, system_prompt: Optional[str] = None, tags: Sequence[str] = TAGS,
+                 pad_to_multiple_of: int = 1):
+        """`pad_to_multiple_of`: the width of a batch, and the thinking column, rounded up to a multiple of it (more
+        padding, fewer distinct shapes: a compiled model recompiles on a new length's divisibility, and stalls)."""
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.tags, self.tokens = tuple(tags), ThinkingTokens(*tokens)
         self.tag2think_count = check_think_counts(thinking_token_count, tag2think_count, self.tags)
@@ -118,6 +126,9 @@ class ECoTCollator:
         if model_max_length < 1:
             raise ValueError(f"model_max_length = {model_max_length}: expected >= 1")
         self.model_max_length, self.system_prompt = model_max_length, system_prompt
+        if pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of = {pad_to_multiple_of}: expected >= 1")
+        self.pad_to_multiple_of = int(pad_to_multiple_of)
         self.start_id, self.think_id, self.end_id = (self._token_id(t, "thinking token") for t in self.tokens)
         self.im_end_id = self._token_id("<|im_end|>", "chat token")
         self.image_token_id = self._token_id(getattr(processor, "image_token", "<|image_pad|>"), "image token")
@@ -169,11 +180,13 @@ class ECoTCollator:
             anchors.append(len(prompt) + 1 if self.stage else 0)  # column of the first <|thinking|>
             counts.append(len(span) - 2 if self.stage else 0)
             metas.append({**dict(s.get("meta") or {}), "truncated_tokens": cut})
-        batch = self._pad(rows, labels, mm_rows, anchors)
+        m = self.pad_to_multiple_of
+        think_start = round_up(max(anchors), m)
+        batch = self._pad(rows, labels, mm_rows, anchors, anchor_col=think_start, multiple=m)
         batch["position_ids"] = mrope_position_ids(batch["input_ids"], batch["mm_token_type_ids"], grid,
                                                    batch["attention_mask"], self.spatial_merge_size)
         batch.update(pixel_values=pixel_values, image_grid_thw=grid,
-                     think_start=max(anchors) if self.stage and any(counts) else None,
+                     think_start=think_start if self.stage and any(counts) else None,
                      think_counts=torch.tensor(counts, dtype=torch.long), stage=self.stage,
                      **stack_robot_data(samples), meta=metas)
         eos = stack_eos(samples, batch["actions"].shape[1])
@@ -189,8 +202,7 @@ class ECoTCollator:
         head = [self.start_id] if self.stage else []
         rows = [p + head for p in prompts]
         text_ids = [self._answer(s, p)[1] for s, p in zip(samples, prompts)]
-        m = max(1, int(pad_to_multiple_of))
-        width = -(-max(map(len, rows)) // m) * m
+        width = round_up(max(map(len, rows)), max(1, int(pad_to_multiple_of)))
         batch = self._pad(rows, [[-100] * len(r) for r in rows], [mm + [0] * len(head) for mm in prompt_mm],
                           [len(r) for r in rows], anchor_col=width)
         batch["position_ids"] = mrope_position_ids(batch["input_ids"], batch["mm_token_type_ids"], grid,
@@ -231,11 +243,13 @@ class ECoTCollator:
             self.n_truncated_tokens += cut
         return supervised[:len(supervised) - cut], cut
 
-    def _pad(self, rows, labels, mm_rows, anchors, anchor_col: Optional[int] = None) -> dict[str, torch.Tensor]:
-        "Left-pad each row so its anchor lands in one column (`anchor_col`, default the largest anchor), right-pad."
+    def _pad(self, rows, labels, mm_rows, anchors, anchor_col: Optional[int] = None,
+             multiple: int = 1) -> dict[str, torch.Tensor]:
+        """Left-pad each row so its anchor lands in one column (`anchor_col`, default the largest anchor), right-pad
+        to the longest row, the width rounded up to a multiple of `multiple`."""
         anchor_col = max(anchors) if anchor_col is None else anchor_col
         left = [anchor_col - a for a in anchors]
-        B, L = len(rows), max(l + len(r) for l, r in zip(left, rows))
+        B, L = len(rows), round_up(max(l + len(r) for l, r in zip(left, rows)), multiple)
         ids = torch.full((B, L), self.pad_id, dtype=torch.long)
         lab = torch.full((B, L), -100, dtype=torch.long)
         mask = torch.zeros((B, L), dtype=torch.long)

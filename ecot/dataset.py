@@ -289,11 +289,12 @@ class ECoTRLDSDataset(IterableDataset):
         state["_reasoning_data"] = None
         return state
 
-    def seek(self, epoch: int, batches: int, batch_size: int, num_workers: int) -> None:
-        """Start the next pass at epoch `epoch` after the `batches` batches a loader with this batch size and worker
-        count gave in it: each shard starts at its own frame, found from the episode index, nothing decoded."""
+    def seek(self, epoch: int, batches: int, batch_size: int, num_workers: int, drop_last: bool = False) -> None:
+        """Start the next pass at epoch `epoch` after the `batches` batches a loader with this batch size, worker
+        count and `drop_last` gave in it: each shard starts at its own frame, found from the episode index, nothing
+        decoded."""
         self.set_epoch(epoch)
-        self._resume = (int(epoch), int(batches), int(batch_size), int(num_workers))
+        self._resume = (int(epoch), int(batches), int(batch_size), int(num_workers), bool(drop_last))
 
     def _reader(self, shard_index: int, num_shards: int) -> ShardReader:
         "This epoch's frames of a shard (`total`, `frames(start)`): `_start` counts them to seek, `iter_shard` reads them."
@@ -309,11 +310,12 @@ class ECoTRLDSDataset(IterableDataset):
         resume = self.__dict__.pop("_resume", None)
         if resume is None or resume[0] != self.epoch:
             return shard_index, 0
-        _, batches, batch_size, num_workers = resume
+        _, batches, batch_size, num_workers, drop_last = resume
         nw = max(num_workers, 1)
         first = shard_index - shard_index % nw  # this rank's shards: one per worker
         totals = [self._reader(first + w, num_shards).total for w in range(nw)]
-        left = [-(-t // batch_size) for t in totals]  # batches each worker gives this epoch
+        # batches each worker gives this epoch (drop_last: each worker's last partial batch is dropped)
+        left = [t // batch_size if drop_last else -(-t // batch_size) for t in totals]
         taken, last = [0] * nw, nw - 1
         while batches > 0 and any(left):  # in turn, over the workers that still have data
             for w in range(nw):
@@ -401,18 +403,24 @@ class ECoTDataLoader(DataLoader):
     def seek(self, epoch: int, batches: int) -> None:
         "Make the next pass epoch `epoch`, starting after its first `batches` batches (read nothing before them)."
         self.passes = int(epoch)
-        self.dataset.seek(epoch, batches, self.batch_size, self.num_workers)
+        self.dataset.seek(epoch, batches, self.batch_size, self.num_workers, self.drop_last)
 
     def __iter__(self):
         self.dataset.set_epoch(self.passes)
         self.passes += 1
         self.coverage = Coverage()
+        seeked = "_resume" in self.dataset.__dict__
         batches = super().__iter__()  # workers (or this process) took their start from a seek...
         self.dataset.__dict__.pop("_resume", None)  # ...which applies to this pass only
-        for batch, n_with, n_without in batches:
+        n = 0
+        for n, (batch, n_with, n_without) in enumerate(batches, 1):
             self.coverage.add(True, n_with)
             self.coverage.add(False, n_without)
             yield batch
+        if n == 0 and not seeked:  # an endless training loop over empty epochs would never end
+            raise ValueError(f"{self.dataset.data_root_dir}: epoch {self.passes - 1} gave no batch of {self.batch_size}"
+                             f"{' (each worker drops its last partial batch)' if self.drop_last else ''}: lower the "
+                             f"batch size or num_workers ({self.num_workers}), or use more data")
         log.info("epoch %d: %s", self.passes - 1, self.coverage)
 
 

@@ -288,14 +288,16 @@ def _passes(loader, n):
             for _ in range(n)]
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_seeked_loader_gives_the_rest_of_the_epoch_then_the_next(root, num_workers):
-    "Resume by seeking: after seek(epoch, b) the loader gives exactly what an uninterrupted one gave from batch b on."
+@pytest.mark.parametrize("num_workers,drop_last", [(0, False), (2, False), (0, True), (2, True)])
+def test_a_seeked_loader_gives_the_rest_of_the_epoch_then_the_next(root, num_workers, drop_last):
+    """Resume by seeking: after seek(epoch, b) the loader gives exactly what an uninterrupted one gave from batch b on
+    (also when each worker's last partial batch is dropped, as training does)."""
     def loader():
         ds = ECoTRLDSDataset(root, image_size=(8, 8), future_action_window_size=1, shuffle_buffer_size=16, seed=3,
                              reasoning_dropout_prob=0.5, image_aug=True)
-        return make_dataloader(ds, batch_size=3, num_workers=num_workers)
+        return make_dataloader(ds, batch_size=3, num_workers=num_workers, drop_last=drop_last)
     e0, e1 = _passes(loader(), 2)
+    assert all(len(b) == 3 for b in e0 + e1) or not drop_last
     for b in (1, len(e0) - 2, len(e0)):  # workers run out at different batches near the end (unequal shards)
         seeked = loader()
         seeked.seek(0, b)
