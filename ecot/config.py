@@ -34,7 +34,7 @@ class Section(BaseModel):
     "Base of every config section: unknown keys are errors, assignments are validated."
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-
+# %% ../nbs/00_config.ipynb #8d21a53d
 class ECoTDataConfig(Section):
     "`datasets.vla_data.ecot`: where the RLDS data and reasoning live and how frames become samples."
     # TFDS data_dir (dataset_py ecot_rlds) or LeRobot v3 dataset root, the folder holding meta/info.json
@@ -85,7 +85,7 @@ class VLADataConfig(Section):
 class DatasetsConfig(Section):
     vla_data: VLADataConfig = VLADataConfig()
 
-
+# %% ../nbs/00_config.ipynb #a0b3b5e7
 class LatentReasoningConfig(Section):
     "`framework.latent_reasoning`: the language loss and the thinking-token strings."
     compute_language_loss: bool = True
@@ -108,7 +108,7 @@ class QwenVLConfig(Section):
     tiny_shape: dict[str, Any] = {}
     compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile the decoder layers; auto: on CUDA
 
-
+# %% ../nbs/00_config.ipynb #f5464fd1
 class ActionModelConfig(Section):
     "`framework.action_model`: the flow-matching DiT action head."
     hidden_size: int = Field(128, ge=8)
@@ -142,7 +142,7 @@ class ActionModelConfig(Section):
     # reads at inference), on the true chunk, or the flow-matching pass's noisy states
     eos_input: Literal["clean", "predicted", "noisy"] = "predicted"
 
-
+# %% ../nbs/00_config.ipynb #cd2b5611
 class FrameworkConfig(Section):
     name: str = "QwenFlowMatching"  # a label, printed in the run banner; it selects nothing
     enable_latent_reasoning: bool = False
@@ -150,7 +150,7 @@ class FrameworkConfig(Section):
     qwenvl: QwenVLConfig = QwenVLConfig()
     action_model: ActionModelConfig = ActionModelConfig()
 
-
+# %% ../nbs/00_config.ipynb #af4e9963
 class LearningRateConfig(Section):
     base: float = Field(1e-4, gt=0)
 
@@ -160,7 +160,7 @@ class OptimizerConfig(Section):
     weight_decay: float = Field(1e-8, ge=0)
     eps: float = Field(1e-8, gt=0)
 
-
+# %% ../nbs/00_config.ipynb #87b61474
 class CurriculumConfig(Section):
     "`trainer.curriculum_learning`: `stage_schedule` maps a training step to the stage from that step on."
     enable: bool = False
@@ -184,7 +184,7 @@ class CRaFTConfig(Section):
     vision_layer: Optional[int] = None  # hidden layer pooled over vision tokens (None: the middle layer)
     text_layer: int = -1  # hidden layer pooled over text tokens
 
-
+# %% ../nbs/00_config.ipynb #765f9348
 class TrainerConfig(Section):
     max_train_steps: int = Field(1000, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -207,7 +207,7 @@ class TrainerConfig(Section):
     curriculum_learning: CurriculumConfig = CurriculumConfig()
     craft: CRaFTConfig = CRaFTConfig()
 
-
+# %% ../nbs/00_config.ipynb #eb432531
 class Config(Section):
     "A whole run: identity, data, model and trainer. `Config()` is the embedded CPU default."
     run_id: str = "ecot"

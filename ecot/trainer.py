@@ -59,8 +59,9 @@ def make_scheduler(optimizer, cfg: Config):
 
 # %% ../nbs/23_trainer.ipynb #4eaa24f0
 STATE_FILE = "trainer_state.json"
+COMPLETE = "COMPLETE"  # written last into a checkpoint, removed first when it is deleted
 
-
+# %% ../nbs/23_trainer.ipynb #a6e8b4db
 def seed_everything(seed: int):
     "Seed Python, numpy and torch; call before building the model so that runs with one seed start equal."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
@@ -79,7 +80,7 @@ def set_rng_state(s: dict):
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
-
+# %% ../nbs/23_trainer.ipynb #d6618e86
 def _json_default(o):
     if hasattr(o, "tolist"):  # numpy arrays and scalars, tensors
         return o.tolist()
@@ -103,10 +104,7 @@ def write_json(obj, path: Path) -> Path:
     "Write `obj` (numpy values allowed) as JSON, atomically."
     return write_atomic(json.dumps(obj, indent=1, default=_json_default), path)
 
-
-COMPLETE = "COMPLETE"  # written last into a checkpoint, removed first when it is deleted
-
-
+# %% ../nbs/23_trainer.ipynb #4952d008
 def check_run_dir(run_dir, resume=None, overwrite: bool = False):
     "A fresh run needs a run directory no earlier run wrote metrics or checkpoints to (unless `overwrite`)."
     used = [p.name for p in (Path(run_dir) / "metrics.jsonl", Path(run_dir) / "checkpoints") if p.exists()]
@@ -124,7 +122,7 @@ def clear_run_dir(run_dir):
             os.replace(p, doomed)
             shutil.rmtree(doomed) if doomed.is_dir() else doomed.unlink()
 
-
+# %% ../nbs/23_trainer.ipynb #f674377a
 # config keys a resume may change, and what then happens (everything else is refused by name)
 SAFE_ON_RESUME = {
     "trainer.logging_frequency": "metrics are logged at the new frequency",
@@ -175,7 +173,7 @@ def resume_changes(saved: Mapping, cfg: Config, step: int) -> list[str]:
                          "\nrestore the checkpoint's values, or start a new run (another run_dir) for these changes")
     return notes
 
-
+# %% ../nbs/23_trainer.ipynb #77a927c0
 def checkpoints(ckpt_root: Path) -> list[Path]:
     "Complete checkpoints under `ckpt_root` (those holding the completion marker), oldest first."
     return sorted(p for p in Path(ckpt_root).glob("step_*") if p.is_dir() and (p / COMPLETE).exists())
@@ -205,7 +203,7 @@ def resolve_checkpoint(resume: str | os.PathLike, ckpt_root: Path) -> Path:
         raise FileNotFoundError(f"resume={str(resume)!r}: {p} is not a complete checkpoint (no {COMPLETE} marker)")
     return p
 
-
+# %% ../nbs/23_trainer.ipynb #54e89316
 def delete_checkpoint(ckpt: Path):
     "Remove the completion marker first, then rename out of the way, then delete: a crash never leaves a half-deleted checkpoint that counts."
     (ckpt / COMPLETE).unlink(missing_ok=True)
