@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -68,7 +69,7 @@ def episode_index(directory: TFDSDirectory, split: str, cache=None) -> list:
     path = cache_dir(cache) / "episode_index" / f"{directory.name}_{split}_{h.hexdigest()[:16]}.json"
     return cached_json(path, lambda: {"files": directory.index(split)})["files"]
 
-
+# %% ../nbs/07_dataset.ipynb #558c226a
 class DatasetStream:
     "One dataset's frames (images as read: encoded for RLDS) for one shard, side and epoch, readable from any frame."
 
@@ -116,7 +117,7 @@ class DatasetStream:
                 yield frames[j]
             skip = 0
 
-
+# %% ../nbs/07_dataset.ipynb #06f2e1b8
 class MixtureDraws:
     "Which dataset gives each frame of a mixture: seeded draws by weight, ending at the first draw of an exhausted one."
 
@@ -152,7 +153,7 @@ class MixtureDraws:
                 ch = self._block(i // MIX_BLOCK)
             yield int(ch[i % MIX_BLOCK])
 
-
+# %% ../nbs/07_dataset.ipynb #dd3111c7
 class ShardReader:
     "The frames of a mixture for one shard and epoch: `total` frames, readable from any `start`."
 
@@ -178,7 +179,7 @@ class ShardReader:
 
 Mixture = Union[str, Sequence[tuple[DatasetSpec, float]]]
 
-
+# %% ../nbs/07_dataset.ipynb #d0a415ce
 def make_interleaved_frames(data_root_dir, mixture: Mixture, image_size=(224, 224), train: bool = True,
                             past_action_window_size: int = 0, future_action_window_size: int = 0,
                             shuffle_buffer_size: int = 1000, image_aug: bool = False, seed: int = 0, epoch: int = 0,
@@ -199,7 +200,7 @@ def make_interleaved_frames(data_root_dir, mixture: Mixture, image_size=(224, 22
     frames = (frame_transform(fr, image_size, image_aug, eseed) for fr in reader.frames(start))
     return frames, stats, reader.files
 
-
+# %% ../nbs/07_dataset.ipynb #8bdee3df
 def check_heldout_side(data_root_dir, spec: DatasetSpec, holdout: HoldOut = HoldOut(), verify_checksums: bool = True) -> None:
     "Fail, naming the dataset, split and fraction, when a dataset's held-out side has no episode (stops at the first found)."
     directory = TFDSDirectory(dataset_dir(data_root_dir, spec.name), verify_checksums)
@@ -215,11 +216,6 @@ def check_heldout_side(data_root_dir, spec: DatasetSpec, holdout: HoldOut = Hold
         f"{spec.val_split!r} split")
 
 # %% ../nbs/07_dataset.ipynb #7a2f52af
-def _frame_key(file_path: str, episode_id: int, step: int) -> int:
-    "A 63-bit key of one frame, the same in every process (not Python's salted hash)."
-    return int.from_bytes(hashlib.blake2b(f"{file_path}|{episode_id}|{step}".encode(), digest_size=8).digest(), "little") >> 1
-
-
 class ECoTRLDSDataset(IterableDataset):
     "Frames of an RLDS mixture as ECoT sample dicts (see the table above)."
 
@@ -263,100 +259,11 @@ class ECoTRLDSDataset(IterableDataset):
             for spec, _ in self.mixture:
                 self._check_heldout_side(spec)
 
-    def _open(self, data_mix: str) -> list[tuple[DatasetSpec, float]]:
-        "The `(spec, weight)` mixture of `data_mix`, its datasets checked now (missing directory, mismatched shapes)."
-        mixture = resolve_mixture(data_mix)
-        for spec, _ in mixture:
-            dataset_dir(self.data_root_dir, spec.name)  # fails now, naming the missing directory
-        views = {len(spec.image_keys) for spec, _ in mixture}
-        dims = {(spec.action_dim, spec.state_dim) for spec, _ in mixture}
-        if len(views) > 1 or len(dims) > 1:
-            raise ValueError(f"mixture {data_mix!r} mixes datasets with different view counts or action/state dims: "
-                             + ", ".join(f"{s.name} ({len(s.image_keys)} views, action {s.action_dim}, state {s.state_dim})"
-                                         for s, _ in mixture))
-        return mixture
-
-    def _dataset_statistics(self, spec: DatasetSpec) -> dict:
-        "Statistics of one dataset's training side (cached: `ecot.transforms.dataset_statistics`)."
-        return dataset_statistics(self.data_root_dir, spec, self.cache_dir, holdout=self.holdout)
-
-    def _check_heldout_side(self, spec: DatasetSpec) -> None:
-        check_heldout_side(self.data_root_dir, spec, self.holdout)
-
     def __getstate__(self):
         "Spawned workers re-read the reasoning JSON instead of receiving a pickled copy of it."
         state = dict(self.__dict__)
         state["_reasoning_data"] = None
         return state
-
-    def seek(self, epoch: int, batches: int, batch_size: int, num_workers: int, drop_last: bool = False) -> None:
-        """Start the next pass at epoch `epoch` after the `batches` batches a loader with this batch size, worker
-        count and `drop_last` gave in it: each shard starts at its own frame, found from the episode index, nothing
-        decoded."""
-        self.set_epoch(epoch)
-        self._resume = (int(epoch), int(batches), int(batch_size), int(num_workers), bool(drop_last))
-
-    def _reader(self, shard_index: int, num_shards: int) -> ShardReader:
-        "This epoch's frames of a shard (`total`, `frames(start)`): `_start` counts them to seek, `iter_shard` reads them."
-        return ShardReader(self.data_root_dir, self.mixture, self.statistics, self.train, self.past, self.future,
-                           self.shuffle_buffer_size, _epoch_seed(self.seed, self.epoch), shard_index, num_shards,
-                           holdout=self.holdout, cache=self.cache_dir)
-
-    def _start(self, shard_index: int, num_shards: int) -> tuple[int, int]:
-        """(shard, frame) this pass of the worker at `shard_index` reads from: its own shard from frame 0, or where a
-        `seek` puts it (once). The DataLoader takes batches from its workers in turn, always starting with worker 0,
-        while the interrupted pass would have continued with the worker after the last one it took from: so after a
-        seek, worker w reads the shard of the w-th worker in the interrupted pass's turn order from there."""
-        resume = self.__dict__.pop("_resume", None)
-        if resume is None or resume[0] != self.epoch:
-            return shard_index, 0
-        _, batches, batch_size, num_workers, drop_last = resume
-        nw = max(num_workers, 1)
-        first = shard_index - shard_index % nw  # this rank's shards: one per worker
-        totals = [self._reader(first + w, num_shards).total for w in range(nw)]
-        # batches each worker gives this epoch (drop_last: each worker's last partial batch is dropped)
-        left = [t // batch_size if drop_last else -(-t // batch_size) for t in totals]
-        taken, last = [0] * nw, nw - 1
-        while batches > 0 and any(left):  # in turn, over the workers that still have data
-            for w in range(nw):
-                if left[w] and batches > 0:
-                    left[w] -= 1; taken[w] += 1; batches -= 1; last = w
-        w = (last + 1 + shard_index % nw) % nw
-        return first + w, min(taken[w] * batch_size, totals[w])
-
-    def set_epoch(self, epoch: int) -> None:
-        "Reseed shuffling, augmentation and reasoning dropout for `epoch`."
-        self.epoch, self._worker_passes = int(epoch), 0
-
-    def _lookup(self, shard_index: int) -> ReasoningLookup:
-        if self._reasoning_data is None:
-            self._reasoning_data = load_reasoning_json(self.reasoning_json) if self.reasoning_json else {}
-        return ReasoningLookup(self._reasoning_data, source=str(self.reasoning_json or "<no reasoning JSON>"),
-                               gripper_horizon=self.gripper_horizon, dropout_prob=self.dropout_prob,
-                               seed=[self.seed, self.epoch, shard_index])
-
-    def _sample(self, frame: dict, lookup: ReasoningLookup, labeler: Optional[EOSLabeler] = None) -> dict:
-        m = frame["meta"]
-        meta = {"dataset": m["dataset"].decode(), "file_path": m["file_path"].decode(),
-                "episode_id": int(m["episode_id"]), "step": int(m["step"])}
-        # dropout drawn per frame (not from one stream per pass): a seek lands on the same draws
-        lookup.reseed([self.seed, self.epoch, _frame_key(meta["file_path"], meta["episode_id"], meta["step"])])
-        reasoning, meta["has_reasoning"] = lookup.get(meta["file_path"], meta["episode_id"], meta["step"])
-        lang = frame["language"].decode()
-        return {"image": [Image.fromarray(im) for im in frame["images"].values()],
-                "lang": lang.lower() if self.lower_case_instruction else lang,
-                "reasoning": dict(reasoning),
-                "action": frame["action"].astype(np.float32),
-                "action_mask": frame["action_mask"].astype(np.bool_),
-                "state": frame["state"].astype(np.float32) if self.load_proprio else None,
-                **self._eos(meta, frame["action_mask"], labeler or EOSLabeler(lookup, self.substep_labels)),
-                "meta": meta}
-
-    def _eos(self, meta: dict, action_mask: np.ndarray, labeler: EOSLabeler) -> dict:
-        "`eos` and `eos_mask` of the frame's action chunk (see `ecot.eos_labels.EOSLabeler`)."
-        eos, mask = labeler.chunk(meta["file_path"], meta["episode_id"], meta["step"], self.past, self.future,
-                                  action_mask.astype(bool))
-        return {"eos": eos, "eos_mask": mask}
 
     def __iter__(self) -> Iterator[dict]:
         if get_worker_info() is not None:
@@ -368,17 +275,133 @@ class ECoTRLDSDataset(IterableDataset):
         shard, start = self._start(shard_index, num_shards)  # now: the loader clears a seek once its workers have it
         return self.iter_shard(shard, num_shards, start=start)
 
-    def iter_shard(self, shard_index: int, num_shards: int, start: int = 0) -> Iterator[dict]:
-        "One epoch of the samples of shard `shard_index` of `num_shards`, from its frame `start`."
-        eseed = _epoch_seed(self.seed, self.epoch)  # as make_interleaved_frames
-        frames = (frame_transform(fr, self.image_size, self.image_aug, eseed)
-                  for fr in self._reader(shard_index, num_shards).frames(start))
-        lookup = self._lookup(shard_index)
-        labeler = EOSLabeler(lookup, self.substep_labels)
-        self.coverage = lookup.counts  # live counts of this process's current pass
-        for frame in frames:
-            yield self._sample(frame, lookup, labeler)
-        log.info("shard %d/%d epoch %d: %s", shard_index, num_shards, self.epoch, lookup.counts)
+# %% ../nbs/07_dataset.ipynb #bf539021
+@patch
+def _open(self: ECoTRLDSDataset, data_mix: str) -> list[tuple[DatasetSpec, float]]:
+    "The `(spec, weight)` mixture of `data_mix`, its datasets checked now (missing directory, mismatched shapes)."
+    mixture = resolve_mixture(data_mix)
+    for spec, _ in mixture:
+        dataset_dir(self.data_root_dir, spec.name)  # fails now, naming the missing directory
+    views = {len(spec.image_keys) for spec, _ in mixture}
+    dims = {(spec.action_dim, spec.state_dim) for spec, _ in mixture}
+    if len(views) > 1 or len(dims) > 1:
+        raise ValueError(f"mixture {data_mix!r} mixes datasets with different view counts or action/state dims: "
+                         + ", ".join(f"{s.name} ({len(s.image_keys)} views, action {s.action_dim}, state {s.state_dim})"
+                                     for s, _ in mixture))
+    return mixture
+
+
+@patch
+def _dataset_statistics(self: ECoTRLDSDataset, spec: DatasetSpec) -> dict:
+    "Statistics of one dataset's training side (cached: `ecot.transforms.dataset_statistics`)."
+    return dataset_statistics(self.data_root_dir, spec, self.cache_dir, holdout=self.holdout)
+
+
+@patch
+def _check_heldout_side(self: ECoTRLDSDataset, spec: DatasetSpec) -> None:
+    check_heldout_side(self.data_root_dir, spec, self.holdout)
+
+# %% ../nbs/07_dataset.ipynb #1f9b5b5d
+@patch
+def seek(self: ECoTRLDSDataset, epoch: int, batches: int, batch_size: int, num_workers: int, drop_last: bool = False) -> None:
+    """Start the next pass at epoch `epoch` after the `batches` batches a loader with this batch size, worker
+    count and `drop_last` gave in it: each shard starts at its own frame, found from the episode index, nothing
+    decoded."""
+    self.set_epoch(epoch)
+    self._resume = (int(epoch), int(batches), int(batch_size), int(num_workers), bool(drop_last))
+
+
+@patch
+def _reader(self: ECoTRLDSDataset, shard_index: int, num_shards: int) -> ShardReader:
+    "This epoch's frames of a shard (`total`, `frames(start)`): `_start` counts them to seek, `iter_shard` reads them."
+    return ShardReader(self.data_root_dir, self.mixture, self.statistics, self.train, self.past, self.future,
+                       self.shuffle_buffer_size, _epoch_seed(self.seed, self.epoch), shard_index, num_shards,
+                       holdout=self.holdout, cache=self.cache_dir)
+
+
+@patch
+def _start(self: ECoTRLDSDataset, shard_index: int, num_shards: int) -> tuple[int, int]:
+    """(shard, frame) this pass of the worker at `shard_index` reads from: its own shard from frame 0, or where a
+    `seek` puts it (once). The DataLoader takes batches from its workers in turn, always starting with worker 0,
+    while the interrupted pass would have continued with the worker after the last one it took from: so after a
+    seek, worker w reads the shard of the w-th worker in the interrupted pass's turn order from there."""
+    resume = self.__dict__.pop("_resume", None)
+    if resume is None or resume[0] != self.epoch:
+        return shard_index, 0
+    _, batches, batch_size, num_workers, drop_last = resume
+    nw = max(num_workers, 1)
+    first = shard_index - shard_index % nw  # this rank's shards: one per worker
+    totals = [self._reader(first + w, num_shards).total for w in range(nw)]
+    # batches each worker gives this epoch (drop_last: each worker's last partial batch is dropped)
+    left = [t // batch_size if drop_last else -(-t // batch_size) for t in totals]
+    taken, last = [0] * nw, nw - 1
+    while batches > 0 and any(left):  # in turn, over the workers that still have data
+        for w in range(nw):
+            if left[w] and batches > 0:
+                left[w] -= 1; taken[w] += 1; batches -= 1; last = w
+    w = (last + 1 + shard_index % nw) % nw
+    return first + w, min(taken[w] * batch_size, totals[w])
+
+
+@patch
+def set_epoch(self: ECoTRLDSDataset, epoch: int) -> None:
+    "Reseed shuffling, augmentation and reasoning dropout for `epoch`."
+    self.epoch, self._worker_passes = int(epoch), 0
+
+# %% ../nbs/07_dataset.ipynb #7fa9151d
+def _frame_key(file_path: str, episode_id: int, step: int) -> int:
+    "A 63-bit key of one frame, the same in every process (not Python's salted hash)."
+    return int.from_bytes(hashlib.blake2b(f"{file_path}|{episode_id}|{step}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+@patch
+def _lookup(self: ECoTRLDSDataset, shard_index: int) -> ReasoningLookup:
+    if self._reasoning_data is None:
+        self._reasoning_data = load_reasoning_json(self.reasoning_json) if self.reasoning_json else {}
+    return ReasoningLookup(self._reasoning_data, source=str(self.reasoning_json or "<no reasoning JSON>"),
+                           gripper_horizon=self.gripper_horizon, dropout_prob=self.dropout_prob,
+                           seed=[self.seed, self.epoch, shard_index])
+
+
+@patch
+def _sample(self: ECoTRLDSDataset, frame: dict, lookup: ReasoningLookup, labeler: Optional[EOSLabeler] = None) -> dict:
+    m = frame["meta"]
+    meta = {"dataset": m["dataset"].decode(), "file_path": m["file_path"].decode(),
+            "episode_id": int(m["episode_id"]), "step": int(m["step"])}
+    # dropout drawn per frame (not from one stream per pass): a seek lands on the same draws
+    lookup.reseed([self.seed, self.epoch, _frame_key(meta["file_path"], meta["episode_id"], meta["step"])])
+    reasoning, meta["has_reasoning"] = lookup.get(meta["file_path"], meta["episode_id"], meta["step"])
+    lang = frame["language"].decode()
+    return {"image": [Image.fromarray(im) for im in frame["images"].values()],
+            "lang": lang.lower() if self.lower_case_instruction else lang,
+            "reasoning": dict(reasoning),
+            "action": frame["action"].astype(np.float32),
+            "action_mask": frame["action_mask"].astype(np.bool_),
+            "state": frame["state"].astype(np.float32) if self.load_proprio else None,
+            **self._eos(meta, frame["action_mask"], labeler or EOSLabeler(lookup, self.substep_labels)),
+            "meta": meta}
+
+
+@patch
+def _eos(self: ECoTRLDSDataset, meta: dict, action_mask: np.ndarray, labeler: EOSLabeler) -> dict:
+    "`eos` and `eos_mask` of the frame's action chunk (see `ecot.eos_labels.EOSLabeler`)."
+    eos, mask = labeler.chunk(meta["file_path"], meta["episode_id"], meta["step"], self.past, self.future,
+                              action_mask.astype(bool))
+    return {"eos": eos, "eos_mask": mask}
+
+# %% ../nbs/07_dataset.ipynb #6ff44ab4
+@patch
+def iter_shard(self: ECoTRLDSDataset, shard_index: int, num_shards: int, start: int = 0) -> Iterator[dict]:
+    "One epoch of the samples of shard `shard_index` of `num_shards`, from its frame `start`."
+    eseed = _epoch_seed(self.seed, self.epoch)  # as make_interleaved_frames
+    frames = (frame_transform(fr, self.image_size, self.image_aug, eseed)
+              for fr in self._reader(shard_index, num_shards).frames(start))
+    lookup = self._lookup(shard_index)
+    labeler = EOSLabeler(lookup, self.substep_labels)
+    self.coverage = lookup.counts  # live counts of this process's current pass
+    for frame in frames:
+        yield self._sample(frame, lookup, labeler)
+    log.info("shard %d/%d epoch %d: %s", shard_index, num_shards, self.epoch, lookup.counts)
 
 # %% ../nbs/07_dataset.ipynb #c18ce2e7
 class _CountingCollate:

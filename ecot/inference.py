@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 import torch.nn.functional as F
 from PIL import Image
 from torch.profiler import record_function
@@ -29,7 +30,7 @@ from .transforms import normalize_bounds_q99, resize_image
 # %% auto #0
 __all__ = ['ActingSpec', 'json_ready', 'dataset_statistics_of', 'action_statistics', 'unnormalize_actions', 'observation_sample',
            'parse_reasoning', 'compiled', 'vision_inputs', 'vision_block', 'vision_pass', 'prompt_layer', 'prompt_pass',
-           'image_positions', 'FusedProjections', 'decode_layer', 'ColumnState', 'Graphed', 'Reasoned', 'Reasoner',
+           'FusedProjections', 'decode_layer', 'image_positions', 'ColumnState', 'Graphed', 'Reasoned', 'Reasoner',
            'teacher_forced_gap']
 
 # %% ../nbs/17_inference.ipynb #a453c508
@@ -249,11 +250,6 @@ def prompt_pass(backbone: QwenVLBackbone, embeds, attention_mask, position_ids, 
     return (last if n in (-1, len(lm.layers)) else chosen), last, kv
 
 # %% ../nbs/17_inference.ipynb #b3c78f17
-def image_positions(batch: Mapping, image_token_id: int) -> torch.Tensor:
-    "Positions of the image tokens in the flattened (B·P) prompt (computed where the batch is: no device sync)."
-    return (batch["input_ids"] == image_token_id).reshape(-1).nonzero()[:, 0]
-
-
 class FusedProjections:
     """Per decoder layer, the q|k|v and the gate|up weights (and biases) concatenated: one matrix product each where
     a column would run five. At batch 1 a column is bound by how fast small products stream their weights, and fewer,
@@ -293,7 +289,7 @@ class FusedProjections:
                         torch.cat([getattr(m, name) for m in linears], out=out)
             self.key = key
 
-
+# %% ../nbs/17_inference.ipynb #c1458865
 def decode_layer(layer, x, cos, sin, k_cache, v_cache, col, key_mask, fused):
     """One column `x` (B, 1, H) through one decoder layer over a static KV buffer (B, kv_heads, L, D).
 
@@ -318,6 +314,11 @@ def decode_layer(layer, x, cos, sin, k_cache, v_cache, col, key_mask, fused):
     x = x + attn.o_proj(o.reshape(B, 1, -1))
     gate, up = F.linear(layer.post_attention_layernorm(x), gu_w, gu_b).chunk(2, -1)
     return x + mlp.down_proj(mlp.act_fn(gate) * up)
+
+# %% ../nbs/17_inference.ipynb #a24fae7c
+def image_positions(batch: Mapping, image_token_id: int) -> torch.Tensor:
+    "Positions of the image tokens in the flattened (B·P) prompt (computed where the batch is: no device sync)."
+    return (batch["input_ids"] == image_token_id).reshape(-1).nonzero()[:, 0]
 
 
 class ColumnState:
@@ -357,67 +358,77 @@ class ColumnState:
         self.layer_fn = compiled(decode_layer) if self.compiled else decode_layer
         self.fused = fused or FusedProjections(backbone.language_model.layers)
 
-    def set_inputs(self, batch: PromptBatch):
-        "Copy a prompt batch of this state's shape into the input buffers."
-        for name in ("input_ids", "attention_mask", "position_ids", "pixel_values", "states"):
-            if getattr(self, name) is not None:
-                getattr(self, name).copy_(batch[name])
-        self.vis_idx.copy_(image_positions(batch, self.backbone.vlm.config.image_token_id))
+# %% ../nbs/17_inference.ipynb #8665f12b
+@patch
+def set_inputs(self: ColumnState, batch: PromptBatch):
+    "Copy a prompt batch of this state's shape into the input buffers."
+    for name in ("input_ids", "attention_mask", "position_ids", "pixel_values", "states"):
+        if getattr(self, name) is not None:
+            getattr(self, name).copy_(batch[name])
+    self.vis_idx.copy_(image_positions(batch, self.backbone.vlm.config.image_token_id))
 
-    def prefill(self):
-        "The prompt in the input buffers through the vision tower and the prompt pass; starts the request."
-        bb = self.backbone
-        embeds, deepstack = bb.vlm.model.get_input_embeddings()(self.input_ids), None
-        if self.pixel_values is not None:  # image features into the image tokens' rows, as masked_scatter would
-            feats, deepstack = vision_pass(bb.vlm.model.visual, self.pixel_values, self.vision, self.compiled)
-            B, P, H = embeds.shape
-            embeds = embeds.reshape(B * P, H).index_copy(0, self.vis_idx, feats.to(embeds.dtype)).view(B, P, H)
-        hidden, last, kv = prompt_pass(bb, embeds, self.attention_mask, self.position_ids, self.vis_idx, deepstack,
-                                       self.compiled)
-        self.load_prefill(kv, hidden, last)
 
-    def load_prefill(self, kv, hidden, last):
-        "Start a request: the prompt's keys/values, hidden states and mask; positions continue after the prompt."
-        for (k, v), (pk, pv) in zip(self.kv, kv):
-            k[:, :, :self.P].copy_(pk)
-            v[:, :, :self.P].copy_(pv)
-            k[:, :, self.P:].zero_()  # masked keys stay finite (0 · NaN would not be 0)
-            v[:, :, self.P:].zero_()
-        self.prefix_hidden.copy_(hidden)
-        self.hidden.zero_()
-        self.key_mask.zero_()
-        self.key_mask[:, 0, 0, :self.P] = self.attention_mask.bool()
-        self.start.copy_(self.position_ids[:, :, -1].max(0).values + 1)
-        self.t.zero_()
-        self.alive.fill_(True)
-        self.prev.copy_(last[:, -1:])
-        self.next_tok.copy_(self.backbone.vlm.lm_head(last[:, -1]).argmax(-1))
+@patch
+def prefill(self: ColumnState):
+    "The prompt in the input buffers through the vision tower and the prompt pass; starts the request."
+    bb = self.backbone
+    embeds, deepstack = bb.vlm.model.get_input_embeddings()(self.input_ids), None
+    if self.pixel_values is not None:  # image features into the image tokens' rows, as masked_scatter would
+        feats, deepstack = vision_pass(bb.vlm.model.visual, self.pixel_values, self.vision, self.compiled)
+        B, P, H = embeds.shape
+        embeds = embeds.reshape(B * P, H).index_copy(0, self.vis_idx, feats.to(embeds.dtype)).view(B, P, H)
+    hidden, last, kv = prompt_pass(bb, embeds, self.attention_mask, self.position_ids, self.vis_idx, deepstack,
+                                   self.compiled)
+    self.load_prefill(kv, hidden, last)
 
-    def step(self, latent: bool):
-        "One generated column for every row (see the prose); reads and writes only this state's buffers."
-        bb = self.backbone
-        lm, n = bb.language_model, bb.hidden_layer
-        x = self.prev if latent else bb.vlm.model.get_input_embeddings()(self.tok)[:, None]
-        col = (self.P + self.t).view(1)
-        self.key_mask.logical_or_(((self.key_cols == col) & self.alive[:, None])[:, None, None])
-        pos = (self.start + self.t).view(1, -1, 1).expand(3, -1, 1)
-        cos, sin = lm.rotary_emb(x, pos)
-        chosen = x
-        for i, (layer, (k, v), fused) in enumerate(zip(lm.layers, self.kv, self.fused.fused)):
-            x = self.layer_fn(layer, x, cos, sin, k, v, col, self.key_mask, fused)
-            if i + 1 == n:
-                chosen = x
-        last = lm.norm(x)
-        # transformers' hidden_states[-1] is the final-norm state (so is hidden_layer == num_layers)
-        self.hidden.index_copy_(1, self.t.view(1), last if n in (-1, len(lm.layers)) else chosen)
-        self.prev.copy_(last)
-        if not latent:  # a latent column's successor is its hidden state: no token to choose
-            self.next_tok.copy_(bb.vlm.lm_head(last[:, 0]).argmax(-1))
-        self.t.add_(1)
 
-    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
-        "What the action head reads: hidden states (B, P + N, H) and mask (B, P + N) of prompt and generated columns."
-        return torch.cat([self.prefix_hidden, self.hidden], 1), self.key_mask[:, 0, 0]
+@patch
+def load_prefill(self: ColumnState, kv, hidden, last):
+    "Start a request: the prompt's keys/values, hidden states and mask; positions continue after the prompt."
+    for (k, v), (pk, pv) in zip(self.kv, kv):
+        k[:, :, :self.P].copy_(pk)
+        v[:, :, :self.P].copy_(pv)
+        k[:, :, self.P:].zero_()  # masked keys stay finite (0 · NaN would not be 0)
+        v[:, :, self.P:].zero_()
+    self.prefix_hidden.copy_(hidden)
+    self.hidden.zero_()
+    self.key_mask.zero_()
+    self.key_mask[:, 0, 0, :self.P] = self.attention_mask.bool()
+    self.start.copy_(self.position_ids[:, :, -1].max(0).values + 1)
+    self.t.zero_()
+    self.alive.fill_(True)
+    self.prev.copy_(last[:, -1:])
+    self.next_tok.copy_(self.backbone.vlm.lm_head(last[:, -1]).argmax(-1))
+
+# %% ../nbs/17_inference.ipynb #3a7daba8
+@patch
+def step(self: ColumnState, latent: bool):
+    "One generated column for every row (see the prose); reads and writes only this state's buffers."
+    bb = self.backbone
+    lm, n = bb.language_model, bb.hidden_layer
+    x = self.prev if latent else bb.vlm.model.get_input_embeddings()(self.tok)[:, None]
+    col = (self.P + self.t).view(1)
+    self.key_mask.logical_or_(((self.key_cols == col) & self.alive[:, None])[:, None, None])
+    pos = (self.start + self.t).view(1, -1, 1).expand(3, -1, 1)
+    cos, sin = lm.rotary_emb(x, pos)
+    chosen = x
+    for i, (layer, (k, v), fused) in enumerate(zip(lm.layers, self.kv, self.fused.fused)):
+        x = self.layer_fn(layer, x, cos, sin, k, v, col, self.key_mask, fused)
+        if i + 1 == n:
+            chosen = x
+    last = lm.norm(x)
+    # transformers' hidden_states[-1] is the final-norm state (so is hidden_layer == num_layers)
+    self.hidden.index_copy_(1, self.t.view(1), last if n in (-1, len(lm.layers)) else chosen)
+    self.prev.copy_(last)
+    if not latent:  # a latent column's successor is its hidden state: no token to choose
+        self.next_tok.copy_(bb.vlm.lm_head(last[:, 0]).argmax(-1))
+    self.t.add_(1)
+
+
+@patch
+def columns(self: ColumnState) -> tuple[torch.Tensor, torch.Tensor]:
+    "What the action head reads: hidden states (B, P + N, H) and mask (B, P + N) of prompt and generated columns."
+    return torch.cat([self.prefix_hidden, self.hidden], 1), self.key_mask[:, 0, 0]
 
 # %% ../nbs/17_inference.ipynb #20251aaa
 class Graphed:
@@ -479,92 +490,96 @@ class Reasoner:
     def graphs_on(self, device) -> bool:
         return self.cuda_graphs and torch.device(device).type == "cuda"
 
-    def _state(self, batch, N, noise_shape, num_steps):
-        "The state of one shape with its prefill, column and act steps (captured as CUDA graphs where on)."
-        p = next(self.backbone.parameters())
-        shape = lambda k: None if batch.get(k) is None else tuple(batch[k].shape)
-        key = (shape("input_ids"), shape("pixel_values"), shape("states"), str(batch.get("image_grid_thw")), N,
-               noise_shape, num_steps, p.device, p.dtype)
-        if key not in self._states:
-            fkey = (p.device, p.dtype)
-            if fkey not in self._fused:
-                self._fused[fkey] = FusedProjections(self.backbone.language_model.layers)
-            st = ColumnState(self.backbone, batch, N, noise_shape, self._fused[fkey])
-            dev = st.hidden.device if self.graphs_on(st.hidden.device) else torch.device("cpu")
-            act = lambda: self.act(*st.columns(), st.states, st.noise, num_steps)
-            column = lambda latent: Graphed(lambda: st.step(latent), dev, setup=st.t.zero_)
-            self._states[key] = (st, Graphed(st.prefill, dev), column(True), column(False), Graphed(act, dev))
-        return self._states[key]
+# %% ../nbs/17_inference.ipynb #7a14d632
+@patch
+def _state(self: Reasoner, batch, N, noise_shape, num_steps):
+    "The state of one shape with its prefill, column and act steps (captured as CUDA graphs where on)."
+    p = next(self.backbone.parameters())
+    shape = lambda k: None if batch.get(k) is None else tuple(batch[k].shape)
+    key = (shape("input_ids"), shape("pixel_values"), shape("states"), str(batch.get("image_grid_thw")), N,
+           noise_shape, num_steps, p.device, p.dtype)
+    if key not in self._states:
+        fkey = (p.device, p.dtype)
+        if fkey not in self._fused:
+            self._fused[fkey] = FusedProjections(self.backbone.language_model.layers)
+        st = ColumnState(self.backbone, batch, N, noise_shape, self._fused[fkey])
+        dev = st.hidden.device if self.graphs_on(st.hidden.device) else torch.device("cpu")
+        act = lambda: self.act(*st.columns(), st.states, st.noise, num_steps)
+        column = lambda latent: Graphed(lambda: st.step(latent), dev, setup=st.t.zero_)
+        self._states[key] = (st, Graphed(st.prefill, dev), column(True), column(False), Graphed(act, dev))
+    return self._states[key]
 
-    @torch.no_grad()
-    def __call__(self, batch: PromptBatch, n_thinking: int, max_new_tokens: int, noise: torch.Tensor,
-                 num_steps: Optional[int] = None, decode: bool = True,
-                 forced: Optional[Sequence[Sequence[int]]] = None) -> Reasoned:
-        dev = next(self.backbone.parameters()).device
-        B, P = batch["input_ids"].shape
-        stage = int(batch["stage"])
-        n_latent = n_thinking if stage else 0
-        n_text = max_new_tokens if decode else 0
-        N = n_latent + (1 if stage else 0) + n_text + 1  # + <|end_of_thinking|>, + the closing <|im_end|>
-        st, prefill, latent, column, act = self._state(batch, N, tuple(noise.shape[1:]), num_steps)
-        st.fused.refresh()
-        timings, t0 = {}, [time.perf_counter()]
+# %% ../nbs/17_inference.ipynb #5579bc1f
+@patch
+@torch.no_grad()
+def __call__(self: Reasoner, batch: PromptBatch, n_thinking: int, max_new_tokens: int, noise: torch.Tensor,
+             num_steps: Optional[int] = None, decode: bool = True,
+             forced: Optional[Sequence[Sequence[int]]] = None) -> Reasoned:
+    dev = next(self.backbone.parameters()).device
+    B, P = batch["input_ids"].shape
+    stage = int(batch["stage"])
+    n_latent = n_thinking if stage else 0
+    n_text = max_new_tokens if decode else 0
+    N = n_latent + (1 if stage else 0) + n_text + 1  # + <|end_of_thinking|>, + the closing <|im_end|>
+    st, prefill, latent, column, act = self._state(batch, N, tuple(noise.shape[1:]), num_steps)
+    st.fused.refresh()
+    timings, t0 = {}, [time.perf_counter()]
 
-        def mark(phase):  # wall time per phase (GPU work included) when `timed`, for `bench/inference.py --profile`
-            if self.timed:
-                torch.cuda.synchronize(dev) if dev.type == "cuda" else None
-                timings[phase] = (time.perf_counter() - t0[0]) * 1e3
-                t0[0] = time.perf_counter()
+    def mark(phase):  # wall time per phase (GPU work included) when `timed`, for `bench/inference.py --profile`
+        if self.timed:
+            torch.cuda.synchronize(dev) if dev.type == "cuda" else None
+            timings[phase] = (time.perf_counter() - t0[0]) * 1e3
+            t0[0] = time.perf_counter()
 
-        # 1. prefill (the noise goes in now too: nothing on the way to the act waits for the host)
-        with record_function("ecot.prefill"):
-            st.set_inputs(batch)
-            st.noise.copy_(noise)
-            prefill()
-        mark("prefill")
-        # 2. latent columns, then the end-of-thinking marker
-        if stage:
-            for _ in range(n_latent):
-                latent()
-            st.tok.fill_(self.eot_id)
-            column()
-        # 3. text, one column a step, until every row has written its stop token
-        alive = torch.ones(B, dtype=torch.bool, device=dev)
-        stops = torch.tensor(self.stop_ids, device=dev) if n_text else None  # a host-to-device copy waits for the GPU
-        forced_ids = None if forced is None else _pad_rows(forced, n_text, self.pad_id).to(dev)
-        written, open_rows = [], True  # open_rows: on the host, whether some row still writes (no sync without text)
-        for i in range(n_text):
-            tok = st.next_tok if forced_ids is None else forced_ids[:, i]
-            stop = torch.isin(tok, stops)
-            tok = torch.where(alive, torch.where(stop, self.end_id, tok), self.pad_id)
-            st.tok.copy_(tok)
-            st.alive.copy_(alive)
-            column()
-            written.append(tok)
-            alive = alive & ~stop
-            open_rows = bool(alive.any())
-            if not open_rows:
-                break
-        truncated = alive.clone() if n_text else torch.zeros_like(alive)
-        if open_rows:  # 3b. <|im_end|> for rows still open (no text to write, or cut by the limit)
-            st.tok.fill_(self.end_id)
-            st.alive.copy_(alive)
-            column()
-        mark("columns")
-        # 4. the action and EOS heads over every column
-        with record_function("ecot.act"):
-            outputs = act()
-        mark("act")
-        n_columns = n_latent + (1 if stage else 0) + len(written) + int(open_rows)  # = st.t, without a sync
-        hidden, mask = st.columns()
-        if not self.graphs_on(dev):  # eager: drop the unused tail of the buffer
-            hidden, mask = hidden[:, :P + n_columns], mask[:, :P + n_columns]
-        text = torch.stack(written, 1).tolist() if written else [[] for _ in range(B)]
-        token_ids = [[t for t in row if t not in (self.end_id, self.pad_id)] for row in text]
-        return Reasoned(hidden.clone(), mask.clone(), token_ids, truncated.tolist(),
-                        {k: v.clone() if torch.is_tensor(v) else v for k, v in outputs.items()}, n_columns, timings)
+    # 1. prefill (the noise goes in now too: nothing on the way to the act waits for the host)
+    with record_function("ecot.prefill"):
+        st.set_inputs(batch)
+        st.noise.copy_(noise)
+        prefill()
+    mark("prefill")
+    # 2. latent columns, then the end-of-thinking marker
+    if stage:
+        for _ in range(n_latent):
+            latent()
+        st.tok.fill_(self.eot_id)
+        column()
+    # 3. text, one column a step, until every row has written its stop token
+    alive = torch.ones(B, dtype=torch.bool, device=dev)
+    stops = torch.tensor(self.stop_ids, device=dev) if n_text else None  # a host-to-device copy waits for the GPU
+    forced_ids = None if forced is None else _pad_rows(forced, n_text, self.pad_id).to(dev)
+    written, open_rows = [], True  # open_rows: on the host, whether some row still writes (no sync without text)
+    for i in range(n_text):
+        tok = st.next_tok if forced_ids is None else forced_ids[:, i]
+        stop = torch.isin(tok, stops)
+        tok = torch.where(alive, torch.where(stop, self.end_id, tok), self.pad_id)
+        st.tok.copy_(tok)
+        st.alive.copy_(alive)
+        column()
+        written.append(tok)
+        alive = alive & ~stop
+        open_rows = bool(alive.any())
+        if not open_rows:
+            break
+    truncated = alive.clone() if n_text else torch.zeros_like(alive)
+    if open_rows:  # 3b. <|im_end|> for rows still open (no text to write, or cut by the limit)
+        st.tok.fill_(self.end_id)
+        st.alive.copy_(alive)
+        column()
+    mark("columns")
+    # 4. the action and EOS heads over every column
+    with record_function("ecot.act"):
+        outputs = act()
+    mark("act")
+    n_columns = n_latent + (1 if stage else 0) + len(written) + int(open_rows)  # = st.t, without a sync
+    hidden, mask = st.columns()
+    if not self.graphs_on(dev):  # eager: drop the unused tail of the buffer
+        hidden, mask = hidden[:, :P + n_columns], mask[:, :P + n_columns]
+    text = torch.stack(written, 1).tolist() if written else [[] for _ in range(B)]
+    token_ids = [[t for t in row if t not in (self.end_id, self.pad_id)] for row in text]
+    return Reasoned(hidden.clone(), mask.clone(), token_ids, truncated.tolist(),
+                    {k: v.clone() if torch.is_tensor(v) else v for k, v in outputs.items()}, n_columns, timings)
 
-
+# %% ../nbs/17_inference.ipynb #ffe823b0
 def _pad_rows(rows: Sequence[Sequence[int]], width: int, pad: int) -> torch.Tensor:
     "(B, width) long tensor of ragged `rows`, cut or padded with `pad`."
     out = torch.full((len(rows), width), pad, dtype=torch.long)
