@@ -20,7 +20,6 @@ from .config import TINY_VLM, Config, load_config, resolve_path, with_stage
 from .dataset import ECoTRLDSDataset, heldout_samples, make_dataloader
 from .lerobot import LeRobotECoTDataset
 from .lerobot_writer import embedded_lerobot_dataset
-from .registry import declare_datasets
 from .action_head import ActionHeadConfig
 from .eos import EOSConfig, EOSHook
 from .hooks import TrainerHook
@@ -31,10 +30,10 @@ from .render import stage_at
 from .synthetic import embedded_dataset
 
 # %% auto #0
-__all__ = ['FRAME_SOURCES', 'PARAMETER_KEYS', 'data_root', 'build_dataset', 'dataset_kwargs', 'build_rlds_dataset',
-           'build_lerobot_dataset', 'build_loader', 'plain_statistics', 'build_processor', 'acting_spec',
-           'build_collator', 'build_policy', 'compile_model', 'stage_fn', 'build_hooks', 'check_dims',
-           'check_reasoning_coverage', 'default_run_dir', 'run_config']
+__all__ = ['FRAME_SOURCES', 'PARAMETER_KEYS', 'data_root', 'build_dataset', 'build_rlds_dataset', 'build_lerobot_dataset',
+           'build_loader', 'plain_statistics', 'build_processor', 'acting_spec', 'build_collator', 'build_policy',
+           'compile_model', 'stage_fn', 'build_hooks', 'check_dims', 'check_reasoning_coverage', 'default_run_dir',
+           'run_config']
 
 # %% ../nbs/25_build.ipynb #01bee9f1
 def data_root(cfg: Config) -> Path:
@@ -60,30 +59,15 @@ def build_dataset(cfg: Config, train: Optional[bool] = None, **overrides):
     return FRAME_SOURCES[source](cfg, train, **overrides)
 
 
-def dataset_kwargs(cfg: Config, train: Optional[bool] = None) -> dict:
-    "The frame dataset arguments that every `dataset_py` source takes, from `datasets.vla_data`."
-    e, v = cfg.ecot, cfg.datasets.vla_data
-    declare_datasets(e.datasets, e.mixtures)  # config-declared datasets and mixtures join the registry first
-    return dict(
-        data_mix=e.data_mix, image_size=tuple(v.image_size),
-        past_action_window_size=e.past_action_window_size, future_action_window_size=e.future_action_window_size,
-        shuffle_buffer_size=e.shuffle_buffer_size, image_aug=e.image_aug,
-        reasoning_json=resolve_path(e.reasoning_json) if e.reasoning_json else None,
-        reasoning_dropout_prob=e.reasoning_dropout_prob, load_proprio=e.load_proprio,
-        lower_case_instruction=e.lower_case_instruction, train=e.train if train is None else train, seed=cfg.seed,
-        substep_labels_json=resolve_path(e.substep_labels_json) if e.substep_labels_json else None,
-        heldout_fraction=v.heldout_fraction, heldout_seed=v.heldout_seed)
-
-
 def build_rlds_dataset(cfg: Config, train: Optional[bool] = None, **overrides) -> ECoTRLDSDataset:
     "`dataset_py: ecot_rlds`: the frames of RLDS/TFDS shards (statistics computed or read from the cache)."
-    return ECoTRLDSDataset(data_root(cfg), **{**dataset_kwargs(cfg, train), **overrides})
+    return ECoTRLDSDataset.from_config(data_root(cfg), cfg, train, **overrides)
 
 
 def build_lerobot_dataset(cfg: Config, train: Optional[bool] = None, **overrides) -> LeRobotECoTDataset:
     """`dataset_py: lerobot_datasets`: the frames of the LeRobot v3 dataset at `datasets.vla_data.ecot.data_root_dir`
     (its root: `meta/info.json`, …), same samples and statistics as RLDS (`ecot.lerobot`)."""
-    return LeRobotECoTDataset(data_root(cfg), **{**dataset_kwargs(cfg, train), **overrides})
+    return LeRobotECoTDataset.from_config(data_root(cfg), cfg, train, **overrides)
 
 
 FRAME_SOURCES["ecot_rlds"] = build_rlds_dataset

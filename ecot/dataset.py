@@ -20,11 +20,12 @@ from fastcore.basics import patch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .config import Config, resolve_path
 from .eos_labels import EOSLabeler, load_substep_labels
 from .reasoning import Coverage, ReasoningLookup, load_reasoning_json
 from .episodes import TFDSDirectory, shard_files, split_for
-from .registry import (DatasetSpec, HoldOut, cache_dir, cached_json, check_data_root, dataset_dir, file_digests,
-                           resolve_mixture)
+from .registry import (DatasetSpec, HoldOut, cache_dir, cached_json, check_data_root, dataset_dir, declare_datasets,
+                           file_digests, resolve_mixture)
 from .transforms import (check_pipeline_args, dataset_statistics, flatten, frame_transform,
                          standardize_trajectory, trajectory_transform)
 
@@ -402,6 +403,23 @@ def iter_shard(self: ECoTRLDSDataset, shard_index: int, num_shards: int, start: 
     for frame in frames:
         yield self._sample(frame, lookup, labeler)
     log.info("shard %d/%d epoch %d: %s", shard_index, num_shards, self.epoch, lookup.counts)
+
+# %% ../nbs/07_dataset.ipynb #aa36f724
+@patch(cls_method=True)
+def from_config(cls: ECoTRLDSDataset, data_root_dir, cfg: Config, train: Optional[bool] = None, **overrides):
+    "The dataset of a run's `datasets.vla_data` at `data_root_dir` (`train`: the split, default the config's)."
+    e, v = cfg.ecot, cfg.datasets.vla_data
+    declare_datasets(e.datasets, e.mixtures)  # config-declared datasets and mixtures join the registry first
+    kwargs = dict(
+        data_mix=e.data_mix, image_size=tuple(v.image_size),
+        past_action_window_size=e.past_action_window_size, future_action_window_size=e.future_action_window_size,
+        shuffle_buffer_size=e.shuffle_buffer_size, image_aug=e.image_aug,
+        reasoning_json=resolve_path(e.reasoning_json) if e.reasoning_json else None,
+        reasoning_dropout_prob=e.reasoning_dropout_prob, load_proprio=e.load_proprio,
+        lower_case_instruction=e.lower_case_instruction, train=e.train if train is None else train, seed=cfg.seed,
+        substep_labels_json=resolve_path(e.substep_labels_json) if e.substep_labels_json else None,
+        heldout_fraction=v.heldout_fraction, heldout_seed=v.heldout_seed)
+    return cls(data_root_dir, **{**kwargs, **overrides})
 
 # %% ../nbs/07_dataset.ipynb #c18ce2e7
 class _CountingCollate:
