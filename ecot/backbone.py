@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import nn
 from transformers import DynamicCache, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
@@ -258,31 +259,6 @@ class QwenVLBackbone(nn.Module):
     @property
     def hidden_size(self) -> int: return self.vlm.config.text_config.hidden_size
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
-        "Input embeddings with image features scattered in, plus (visual position mask, deepstack features)."
-        model = self.vlm.model
-        embeds = model.get_input_embeddings()(input_ids)
-        if pixel_values is None:
-            return embeds, None, None
-        img = model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        feats = torch.cat(img.pooler_output, dim=0).to(embeds.device, embeds.dtype)
-        image_mask, _ = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=feats)
-        embeds = embeds.masked_scatter(image_mask, feats)
-        return embeds, image_mask[..., 0], img.deepstack_features
-
-    def run_language_model(self, embeds, attention_mask, position_ids, cache=None, visual_pos_masks=None,
-                           deepstack=None):
-        "One chunk through the text model: (chosen-layer hidden, final-norm hidden). `attention_mask` spans past + chunk."
-        want = self.hidden_layer != -1
-        # compiled layers (compile_blocks) run eagerly on a cache: see compile_blocks
-        with torch.compiler.set_stance("force_eager") if cache is not None else nullcontext():
-            out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                      past_key_values=cache, use_cache=cache is not None,
-                                      visual_pos_masks=visual_pos_masks if deepstack is not None else None,
-                                      deepstack_visual_embeds=deepstack, output_hidden_states=want)
-        last = out.last_hidden_state
-        return (out.hidden_states[self.hidden_layer] if want else last), last
-
     def forward(self, input_ids, attention_mask, position_ids, pixel_values=None, image_grid_thw=None, labels=None,
                 think_start: Optional[int] = None, think_counts: Optional[torch.Tensor] = None,
                 return_logits: bool = False, **_ignored) -> BackboneOutput:
@@ -301,77 +277,114 @@ class QwenVLBackbone(nn.Module):
             out.logits = self.vlm.lm_head(out.last_hidden_state)
         return out
 
-    def _check_latent(self, L, think_start, n_latent, vis_mask):
-        if not 1 <= think_start <= L - n_latent:
-            raise ValueError(f"think_start = {think_start} with up to {n_latent} thinking tokens does not fit a "
-                             f"sequence of length {L}: expected 1 <= think_start <= {L - n_latent}")
-        if vis_mask is not None and vis_mask[:, think_start:].any():
-            raise ValueError(f"image tokens at or after think_start = {think_start}: the latent forward needs every "
-                             "image in the prefix (deepstack features are added in the prefix pass)")
-        if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.language_model.modules()):
-            raise RuntimeError("transformers gradient checkpointing drops the KV cache in training mode; the latent "
-                               "forward (stage >= 1) needs it off (vlm.gradient_checkpointing_disable())")
+# %% ../nbs/14_backbone.ipynb #f3c9ca56
+@patch
+def embed(self: QwenVLBackbone, input_ids, pixel_values=None, image_grid_thw=None):
+    "Input embeddings with image features scattered in, plus (visual position mask, deepstack features)."
+    model = self.vlm.model
+    embeds = model.get_input_embeddings()(input_ids)
+    if pixel_values is None:
+        return embeds, None, None
+    img = model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    feats = torch.cat(img.pooler_output, dim=0).to(embeds.device, embeds.dtype)
+    image_mask, _ = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=feats)
+    embeds = embeds.masked_scatter(image_mask, feats)
+    return embeds, image_mask[..., 0], img.deepstack_features
 
-    def _latent_forward(self, embeds, attention_mask, position_ids, vis_mask, deepstack, think_start, think_counts):
-        "Prefix pass, one lean pass per thinking column (hidden of column c-1 -> input of column c), then the rest."
-        B, L, _ = embeds.shape
-        n_latent = int(think_counts.max())
-        self._check_latent(L, think_start, n_latent, vis_mask)
-        cache = DynamicCache(config=self.vlm.config.text_config)
-        ts, lm = think_start, self.language_model
-        chosen, last = self.run_language_model(embeds[:, :ts], attention_mask[:, :ts], position_ids[:, :, :ts],
-                                               cache, None if vis_mask is None else vis_mask[:, :ts], deepstack)
-        chosen_parts, last_parts, latent_inputs = [chosen], [last], []
-        # once for all thinking columns: rotary cos/sin of their (sliced) M-RoPE positions, each column's key
-        # mask (prefix padding + the thinking columns up to itself), its slot, and which rows are still thinking
-        dev = embeds.device
-        mrope = position_ids[1:] if position_ids.shape[0] == 4 else position_ids  # 4 rows: text row first
-        cos, sin = lm.rotary_emb(embeds, mrope[:, :, ts : ts + n_latent])  # (B, n_latent, head_dim) each
-        steps = torch.arange(n_latent, device=dev)
-        slots = steps[:, None] == steps[None]  # (column, slot)
-        seen = attention_mask[:, ts : ts + n_latent].bool()[:, None, :] & (steps[None, :] <= steps[:, None])[None]
-        key_masks = torch.cat([attention_mask[:, None, :ts].bool().expand(-1, n_latent, -1), seen], 2)[:, :, None, None]
-        is_thinking = (think_counts.to(dev)[:, None] > steps)[:, :, None]  # (B, n_latent, 1)
-        prefix_kv = [(l.keys, l.values) for l in cache.layers]
-        # requires_grad like the buffers the columns return, so the first column runs the same compiled graph
-        think_kv = [tuple(k.new_zeros(*k.shape[:2], n_latent, k.shape[3]).requires_grad_(k.requires_grad)
-                          for _ in range(2)) for k, _ in prefix_kv]
-        step = self._column_step(dev)
-        dropout = lm.config.attention_dropout if self.training else 0.0
-        prev = last[:, -1:]
-        for t in range(n_latent):
-            c = ts + t
-            # rows whose thinking span ended keep their ordinary token embedding in this column
-            x = torch.where(is_thinking[:, t : t + 1], prev.to(embeds.dtype), embeds[:, c : c + 1])
-            latent_inputs.append(x)
-            args = (lm.layers, lm.norm, x, cos[:, t : t + 1], sin[:, t : t + 1], prefix_kv, think_kv, slots[t],
-                    key_masks[:, t], self.hidden_layer, dropout)
-            try:
-                chosen, prev, think_kv = step(*args)
-            except Exception as e:  # compilation fails before anything is computed: fall back to eager, loudly
-                if step is column_stack:
-                    raise
-                warnings.warn(f"torch.compile of the latent column step failed ({type(e).__name__}: {e}); "
-                              "running it eagerly (set compile_columns = False to skip compiling)", stacklevel=2)
-                self.compile_columns, step = False, column_stack
-                chosen, prev, think_kv = step(*args)
-            chosen_parts.append(chosen)
-            last_parts.append(prev)
-        for layer, (pk, pv), (tk, tv) in zip(cache.layers, prefix_kv, think_kv):  # the cache for the final pass
-            layer.keys, layer.values = torch.cat([pk, tk], 2), torch.cat([pv, tv], 2)
-        return self._final_pass(embeds, attention_mask, position_ids, cache, ts + n_latent, chosen_parts, last_parts,
-                                torch.cat(latent_inputs, 1))
 
-    def _column_step(self, device):
-        "`column_stack`, compiled when `compile_columns` says so (None: on CUDA)."
-        compiled = self.compile_columns if self.compile_columns is not None else device.type == "cuda"
-        return compiled_column_step() if compiled else column_stack
+@patch
+def run_language_model(self: QwenVLBackbone, embeds, attention_mask, position_ids, cache=None, visual_pos_masks=None,
+                       deepstack=None):
+    "One chunk through the text model: (chosen-layer hidden, final-norm hidden). `attention_mask` spans past + chunk."
+    want = self.hidden_layer != -1
+    # compiled layers (compile_blocks) run eagerly on a cache: see compile_blocks
+    with torch.compiler.set_stance("force_eager") if cache is not None else nullcontext():
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=cache, use_cache=cache is not None,
+                                  visual_pos_masks=visual_pos_masks if deepstack is not None else None,
+                                  deepstack_visual_embeds=deepstack, output_hidden_states=want)
+    last = out.last_hidden_state
+    return (out.hidden_states[self.hidden_layer] if want else last), last
 
-    def _final_pass(self, embeds, attention_mask, position_ids, cache, rest, chosen_parts, last_parts, latent_inputs):
-        "The columns after the thinking span in one pass on the cache, then the whole sequence's output."
-        if rest < embeds.shape[1]:
-            chosen, last = self.run_language_model(embeds[:, rest:], attention_mask, position_ids[:, :, rest:], cache)
-            chosen_parts.append(chosen)
-            last_parts.append(last)
-        return BackboneOutput(torch.cat(chosen_parts, 1), torch.cat(last_parts, 1), path="latent",
-                              latent_inputs=latent_inputs, n_passes=len(last_parts))
+# %% ../nbs/14_backbone.ipynb #962715af
+@patch
+def _check_latent(self: QwenVLBackbone, L, think_start, n_latent, vis_mask):
+    if not 1 <= think_start <= L - n_latent:
+        raise ValueError(f"think_start = {think_start} with up to {n_latent} thinking tokens does not fit a "
+                         f"sequence of length {L}: expected 1 <= think_start <= {L - n_latent}")
+    if vis_mask is not None and vis_mask[:, think_start:].any():
+        raise ValueError(f"image tokens at or after think_start = {think_start}: the latent forward needs every "
+                         "image in the prefix (deepstack features are added in the prefix pass)")
+    if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.language_model.modules()):
+        raise RuntimeError("transformers gradient checkpointing drops the KV cache in training mode; the latent "
+                           "forward (stage >= 1) needs it off (vlm.gradient_checkpointing_disable())")
+
+# %% ../nbs/14_backbone.ipynb #6f581654
+@patch
+def _latent_forward(self: QwenVLBackbone, embeds, attention_mask, position_ids, vis_mask, deepstack, think_start, think_counts):
+    "Prefix pass, one lean pass per thinking column (hidden of column c-1 -> input of column c), then the rest."
+    B, L, _ = embeds.shape
+    n_latent = int(think_counts.max())
+    self._check_latent(L, think_start, n_latent, vis_mask)
+    cache = DynamicCache(config=self.vlm.config.text_config)
+    ts, lm = think_start, self.language_model
+    chosen, last = self.run_language_model(embeds[:, :ts], attention_mask[:, :ts], position_ids[:, :, :ts],
+                                           cache, None if vis_mask is None else vis_mask[:, :ts], deepstack)
+    chosen_parts, last_parts, latent_inputs = [chosen], [last], []
+    # once for all thinking columns: rotary cos/sin of their (sliced) M-RoPE positions, each column's key
+    # mask (prefix padding + the thinking columns up to itself), its slot, and which rows are still thinking
+    dev = embeds.device
+    mrope = position_ids[1:] if position_ids.shape[0] == 4 else position_ids  # 4 rows: text row first
+    cos, sin = lm.rotary_emb(embeds, mrope[:, :, ts : ts + n_latent])  # (B, n_latent, head_dim) each
+    steps = torch.arange(n_latent, device=dev)
+    slots = steps[:, None] == steps[None]  # (column, slot)
+    seen = attention_mask[:, ts : ts + n_latent].bool()[:, None, :] & (steps[None, :] <= steps[:, None])[None]
+    key_masks = torch.cat([attention_mask[:, None, :ts].bool().expand(-1, n_latent, -1), seen], 2)[:, :, None, None]
+    is_thinking = (think_counts.to(dev)[:, None] > steps)[:, :, None]  # (B, n_latent, 1)
+    prefix_kv = [(l.keys, l.values) for l in cache.layers]
+    # requires_grad like the buffers the columns return, so the first column runs the same compiled graph
+    think_kv = [tuple(k.new_zeros(*k.shape[:2], n_latent, k.shape[3]).requires_grad_(k.requires_grad)
+                      for _ in range(2)) for k, _ in prefix_kv]
+    step = self._column_step(dev)
+    dropout = lm.config.attention_dropout if self.training else 0.0
+    prev = last[:, -1:]
+    for t in range(n_latent):
+        c = ts + t
+        # rows whose thinking span ended keep their ordinary token embedding in this column
+        x = torch.where(is_thinking[:, t : t + 1], prev.to(embeds.dtype), embeds[:, c : c + 1])
+        latent_inputs.append(x)
+        args = (lm.layers, lm.norm, x, cos[:, t : t + 1], sin[:, t : t + 1], prefix_kv, think_kv, slots[t],
+                key_masks[:, t], self.hidden_layer, dropout)
+        try:
+            chosen, prev, think_kv = step(*args)
+        except Exception as e:  # compilation fails before anything is computed: fall back to eager, loudly
+            if step is column_stack:
+                raise
+            warnings.warn(f"torch.compile of the latent column step failed ({type(e).__name__}: {e}); "
+                          "running it eagerly (set compile_columns = False to skip compiling)", stacklevel=2)
+            self.compile_columns, step = False, column_stack
+            chosen, prev, think_kv = step(*args)
+        chosen_parts.append(chosen)
+        last_parts.append(prev)
+    for layer, (pk, pv), (tk, tv) in zip(cache.layers, prefix_kv, think_kv):  # the cache for the final pass
+        layer.keys, layer.values = torch.cat([pk, tk], 2), torch.cat([pv, tv], 2)
+    return self._final_pass(embeds, attention_mask, position_ids, cache, ts + n_latent, chosen_parts, last_parts,
+                            torch.cat(latent_inputs, 1))
+
+# %% ../nbs/14_backbone.ipynb #3354a713
+@patch
+def _column_step(self: QwenVLBackbone, device):
+    "`column_stack`, compiled when `compile_columns` says so (None: on CUDA)."
+    compiled = self.compile_columns if self.compile_columns is not None else device.type == "cuda"
+    return compiled_column_step() if compiled else column_stack
+
+
+@patch
+def _final_pass(self: QwenVLBackbone, embeds, attention_mask, position_ids, cache, rest, chosen_parts, last_parts, latent_inputs):
+    "The columns after the thinking span in one pass on the cache, then the whole sequence's output."
+    if rest < embeds.shape[1]:
+        chosen, last = self.run_language_model(embeds[:, rest:], attention_mask, position_ids[:, :, rest:], cache)
+        chosen_parts.append(chosen)
+        last_parts.append(last)
+    return BackboneOutput(torch.cat(chosen_parts, 1), torch.cat(last_parts, 1), path="latent",
+                          latent_inputs=latent_inputs, n_passes=len(last_parts))

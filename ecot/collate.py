@@ -13,6 +13,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence, TypedDict
 import numpy as np
 import torch
 from PIL import Image
+from fastcore.basics import patch
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
 
 from .config import TAGS
@@ -20,7 +21,7 @@ from .render import THINKING_TOKENS, ThinkingTokens, check_stage, check_think_co
 
 # %% auto #0
 __all__ = ['BATCH_TENSORS', 'BATCH_KEYS', 'SAMPLE_KEYS', 'TOY_REASONING', 'ROLES', 'Batch', 'PromptBatch', 'TensorSpec',
-           'mrope_position_ids', 'round_up', 'ECoTCollator', 'check_samples', 'stack_robot_data', 'stack_states',
+           'mrope_position_ids', 'ECoTCollator', 'round_up', 'check_samples', 'stack_robot_data', 'stack_states',
            'stack_eos', 'toy_sample', 'check_batch', 'token_roles', 'masked_share']
 
 # %% ../nbs/12_collate.ipynb #776c1455
@@ -103,11 +104,6 @@ def mrope_position_ids(input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
     return pos
 
 # %% ../nbs/12_collate.ipynb #94a10c9d
-def round_up(n: int, m: int) -> int:
-    "`n` rounded up to a multiple of `m`."
-    return -(-n // m) * m
-
-
 class ECoTCollator:
     "Samples -> the policy `Batch`: chat prompt + images, stage-rendered reasoning, masked labels, aligned padding."
 
@@ -140,33 +136,15 @@ class ECoTCollator:
         self.spatial_merge_size = int(spatial_merge_size or processor.image_processor.merge_size)
         self.n_truncated_rows = self.n_truncated_tokens = 0
 
-    def _token_id(self, token: str, what: str) -> int:
-        i = self.tokenizer.convert_tokens_to_ids(token)
-        if i is None or self.tokenizer.encode(token, add_special_tokens=False) != [i]:
-            raise ValueError(f"{what} {token!r} is not a single token of {type(self.tokenizer).__name__}; "
-                             "load the processor with ecot.processor.load_processor (it adds the thinking tokens)")
-        return i
-
     @property
     def stage(self) -> int: return self._stage
 
     @stage.setter
     def stage(self, value: int): self._stage = check_stage(value, self.tags)
 
-    def render(self, reasoning: Mapping[str, str]):
-        "The sample's reasoning rendered for the current stage."
-        return render_reasoning(reasoning, self.stage, self.thinking_token_count, self.tag2think_count,
-                                self.tokens, self.tags)
-
     def describe(self, sample: Mapping) -> str:
         "`instruction @ reasoning` of a sample at the current stage (for logs)."
         return describe(sample["lang"], self.render(sample["reasoning"]))
-
-    def messages(self, sample: Mapping) -> list[dict]:
-        "The chat of one sample: optional system turn, user turn with one image per view and the instruction."
-        user = [{"type": "image"} for _ in sample["image"]] + [{"type": "text", "text": sample["lang"]}]
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return system + [{"role": "user", "content": user}]
 
     def __call__(self, samples: Sequence[Mapping]) -> Batch:
         check_samples(samples)
@@ -192,72 +170,111 @@ class ECoTCollator:
         eos = stack_eos(samples, batch["actions"].shape[1])
         return {**{k: batch[k] for k in BATCH_KEYS}, **eos}
 
-    def prompts(self, samples: Sequence[Mapping], pad_to_multiple_of: int = 1) -> PromptBatch:
-        """The inference side of `__call__`: each prompt (plus `<|start_of_thinking|>` at stage >= 1) left-padded
-        so that every row ends in the last column (the width a multiple of `pad_to_multiple_of`), and
-        `text_ids`: the tokens training supervises after the thinking span (the rendered reasoning text and
-        `<|im_end|>`), for teacher forcing. Samples need `image` and `lang`; `reasoning`, `state`, `meta` optional."""
-        check_samples(samples, keys=("image", "lang"))
-        prompts, pixel_values, grid, prompt_mm = self._encode_prompts(samples)
-        head = [self.start_id] if self.stage else []
-        rows = [p + head for p in prompts]
-        text_ids = [self._answer(s, p)[1] for s, p in zip(samples, prompts)]
-        width = round_up(max(map(len, rows)), max(1, int(pad_to_multiple_of)))
-        batch = self._pad(rows, [[-100] * len(r) for r in rows], [mm + [0] * len(head) for mm in prompt_mm],
-                          [len(r) for r in rows], anchor_col=width)
-        batch["position_ids"] = mrope_position_ids(batch["input_ids"], batch["mm_token_type_ids"], grid,
-                                                   batch["attention_mask"], self.spatial_merge_size)
-        batch.pop("labels")
-        return dict(batch, pixel_values=pixel_values, image_grid_thw=grid, states=stack_states(samples),
-                    stage=self.stage, text_ids=text_ids, meta=[dict(s.get("meta") or {}) for s in samples])
+# %% ../nbs/12_collate.ipynb #94a268bf
+@patch
+def _token_id(self: ECoTCollator, token: str, what: str) -> int:
+    i = self.tokenizer.convert_tokens_to_ids(token)
+    if i is None or self.tokenizer.encode(token, add_special_tokens=False) != [i]:
+        raise ValueError(f"{what} {token!r} is not a single token of {type(self.tokenizer).__name__}; "
+                         "load the processor with ecot.processor.load_processor (it adds the thinking tokens)")
+    return i
 
-    def _answer(self, sample: Mapping, prompt: list) -> tuple[list, list, int]:
-        "The assistant side of one row: (thinking span, supervised tokens, number of tokens cut to fit)."
-        rendered = self.render(sample.get("reasoning") or {})
-        span = [self.start_id] + [self.think_id] * rendered.n_thinking + [self.end_id] if self.stage else []
-        text = self.tokenizer(rendered.text, add_special_tokens=False)["input_ids"] if rendered.text else []
-        supervised, cut = self._fit(prompt, span, text + [self.im_end_id], sample)
-        return span, supervised, cut
 
-    def _encode_prompts(self, samples):
-        "Token ids and image-token types of every prompt (images expanded) plus the batch's pixel values and grids."
-        texts = [self.processor.apply_chat_template(self.messages(s), tokenize=False, add_generation_prompt=True)
-                 for s in samples]
-        enc = self.processor(text=texts, images=[list(s["image"]) for s in samples], return_tensors="pt",
-                             padding=True, padding_side="right")
-        keep = enc["attention_mask"].bool()
-        prompts = [ids[k].tolist() for ids, k in zip(enc["input_ids"], keep)]
-        mm = [t[k].tolist() for t, k in zip(enc["mm_token_type_ids"], keep)]
-        return prompts, enc["pixel_values"].float(), enc["image_grid_thw"].long(), mm
+@patch
+def render(self: ECoTCollator, reasoning: Mapping[str, str]):
+    "The sample's reasoning rendered for the current stage."
+    return render_reasoning(reasoning, self.stage, self.thinking_token_count, self.tag2think_count,
+                            self.tokens, self.tags)
 
-    def _fit(self, prompt: list, span: list, supervised: list, sample) -> tuple[list, int]:
-        "Cut `supervised` at the tail so the row fits `model_max_length`; (kept tokens, number cut)."
-        room = self.model_max_length - len(prompt) - len(span)
-        if room < 0:
-            raise ValueError(f"model_max_length = {self.model_max_length} is too small for the prompt ({len(prompt)} "
-                             f"tokens, images included) plus the stage-{self.stage} thinking span ({len(span)} tokens) "
-                             f"of sample {dict(sample.get('meta') or {})}; raise model_max_length or shrink the images")
-        cut = max(0, len(supervised) - room)
-        if cut:
-            self.n_truncated_rows += 1
-            self.n_truncated_tokens += cut
-        return supervised[:len(supervised) - cut], cut
 
-    def _pad(self, rows, labels, mm_rows, anchors, anchor_col: Optional[int] = None,
-             multiple: int = 1) -> dict[str, torch.Tensor]:
-        """Left-pad each row so its anchor lands in one column (`anchor_col`, default the largest anchor), right-pad
-        to the longest row, the width rounded up to a multiple of `multiple`."""
-        anchor_col = max(anchors) if anchor_col is None else anchor_col
-        left = [anchor_col - a for a in anchors]
-        B, L = len(rows), round_up(max(l + len(r) for l, r in zip(left, rows)), multiple)
-        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        lab = torch.full((B, L), -100, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        mm = torch.zeros((B, L), dtype=torch.int32)
-        for b, (l, r, y, t) in enumerate(zip(left, rows, labels, mm_rows)):
-            sl = slice(l, l + len(r))
-            ids[b, sl], lab[b, sl], mm[b, sl], mask[b, sl] = torch.tensor(r), torch.tensor(y), torch.tensor(t), 1
-        return dict(input_ids=ids, attention_mask=mask, labels=lab, mm_token_type_ids=mm)
+@patch
+def messages(self: ECoTCollator, sample: Mapping) -> list[dict]:
+    "The chat of one sample: optional system turn, user turn with one image per view and the instruction."
+    user = [{"type": "image"} for _ in sample["image"]] + [{"type": "text", "text": sample["lang"]}]
+    system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+    return system + [{"role": "user", "content": user}]
+
+# %% ../nbs/12_collate.ipynb #f31a0979
+@patch
+def _encode_prompts(self: ECoTCollator, samples):
+    "Token ids and image-token types of every prompt (images expanded) plus the batch's pixel values and grids."
+    texts = [self.processor.apply_chat_template(self.messages(s), tokenize=False, add_generation_prompt=True)
+             for s in samples]
+    enc = self.processor(text=texts, images=[list(s["image"]) for s in samples], return_tensors="pt",
+                         padding=True, padding_side="right")
+    keep = enc["attention_mask"].bool()
+    prompts = [ids[k].tolist() for ids, k in zip(enc["input_ids"], keep)]
+    mm = [t[k].tolist() for t, k in zip(enc["mm_token_type_ids"], keep)]
+    return prompts, enc["pixel_values"].float(), enc["image_grid_thw"].long(), mm
+
+
+@patch
+def _answer(self: ECoTCollator, sample: Mapping, prompt: list) -> tuple[list, list, int]:
+    "The assistant side of one row: (thinking span, supervised tokens, number of tokens cut to fit)."
+    rendered = self.render(sample.get("reasoning") or {})
+    span = [self.start_id] + [self.think_id] * rendered.n_thinking + [self.end_id] if self.stage else []
+    text = self.tokenizer(rendered.text, add_special_tokens=False)["input_ids"] if rendered.text else []
+    supervised, cut = self._fit(prompt, span, text + [self.im_end_id], sample)
+    return span, supervised, cut
+
+
+@patch
+def _fit(self: ECoTCollator, prompt: list, span: list, supervised: list, sample) -> tuple[list, int]:
+    "Cut `supervised` at the tail so the row fits `model_max_length`; (kept tokens, number cut)."
+    room = self.model_max_length - len(prompt) - len(span)
+    if room < 0:
+        raise ValueError(f"model_max_length = {self.model_max_length} is too small for the prompt ({len(prompt)} "
+                         f"tokens, images included) plus the stage-{self.stage} thinking span ({len(span)} tokens) "
+                         f"of sample {dict(sample.get('meta') or {})}; raise model_max_length or shrink the images")
+    cut = max(0, len(supervised) - room)
+    if cut:
+        self.n_truncated_rows += 1
+        self.n_truncated_tokens += cut
+    return supervised[:len(supervised) - cut], cut
+
+# %% ../nbs/12_collate.ipynb #804cf00f
+def round_up(n: int, m: int) -> int:
+    "`n` rounded up to a multiple of `m`."
+    return -(-n // m) * m
+
+
+@patch
+def _pad(self: ECoTCollator, rows, labels, mm_rows, anchors, anchor_col: Optional[int] = None,
+         multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Left-pad each row so its anchor lands in one column (`anchor_col`, default the largest anchor), right-pad
+    to the longest row, the width rounded up to a multiple of `multiple`."""
+    anchor_col = max(anchors) if anchor_col is None else anchor_col
+    left = [anchor_col - a for a in anchors]
+    B, L = len(rows), round_up(max(l + len(r) for l, r in zip(left, rows)), multiple)
+    ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+    lab = torch.full((B, L), -100, dtype=torch.long)
+    mask = torch.zeros((B, L), dtype=torch.long)
+    mm = torch.zeros((B, L), dtype=torch.int32)
+    for b, (l, r, y, t) in enumerate(zip(left, rows, labels, mm_rows)):
+        sl = slice(l, l + len(r))
+        ids[b, sl], lab[b, sl], mm[b, sl], mask[b, sl] = torch.tensor(r), torch.tensor(y), torch.tensor(t), 1
+    return dict(input_ids=ids, attention_mask=mask, labels=lab, mm_token_type_ids=mm)
+
+# %% ../nbs/12_collate.ipynb #5856914b
+@patch
+def prompts(self: ECoTCollator, samples: Sequence[Mapping], pad_to_multiple_of: int = 1) -> PromptBatch:
+    """The inference side of `__call__`: each prompt (plus `<|start_of_thinking|>` at stage >= 1) left-padded
+    so that every row ends in the last column (the width a multiple of `pad_to_multiple_of`), and
+    `text_ids`: the tokens training supervises after the thinking span (the rendered reasoning text and
+    `<|im_end|>`), for teacher forcing. Samples need `image` and `lang`; `reasoning`, `state`, `meta` optional."""
+    check_samples(samples, keys=("image", "lang"))
+    prompts, pixel_values, grid, prompt_mm = self._encode_prompts(samples)
+    head = [self.start_id] if self.stage else []
+    rows = [p + head for p in prompts]
+    text_ids = [self._answer(s, p)[1] for s, p in zip(samples, prompts)]
+    width = round_up(max(map(len, rows)), max(1, int(pad_to_multiple_of)))
+    batch = self._pad(rows, [[-100] * len(r) for r in rows], [mm + [0] * len(head) for mm in prompt_mm],
+                      [len(r) for r in rows], anchor_col=width)
+    batch["position_ids"] = mrope_position_ids(batch["input_ids"], batch["mm_token_type_ids"], grid,
+                                               batch["attention_mask"], self.spatial_merge_size)
+    batch.pop("labels")
+    return dict(batch, pixel_values=pixel_values, image_grid_thw=grid, states=stack_states(samples),
+                stage=self.stage, text_ids=text_ids, meta=[dict(s.get("meta") or {}) for s in samples])
 
 # %% ../nbs/12_collate.ipynb #95a36fa0
 SAMPLE_KEYS = ("image", "lang", "reasoning", "action")

@@ -49,7 +49,7 @@ def mean_action(statistics: Mapping, unnorm_key: Optional[str] = None) -> np.nda
     a = dataset_statistics_of(statistics, unnorm_key)["action"]
     return normalize_bounds_q99(np.asarray(a["mean"], np.float32), {k: np.asarray(v) for k, v in a.items()})
 
-# %% ../nbs/26_heldout.ipynb #effe0515
+# %% ../nbs/26_heldout.ipynb #62493698
 def _to(batch: Mapping, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -60,7 +60,7 @@ def eos_targets(chunk: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray]:
     labelled = np.stack([c["eos_mask"] for c in chunk]).astype(bool) & np.stack([c["action_mask"] for c in chunk]).astype(bool)
     return y, labelled
 
-
+# %% ../nbs/26_heldout.ipynb #effe0515
 @torch.no_grad()
 def heldout_sums(policy, samples: Sequence[Mapping], indices: Sequence[int], batch_size: int = 16, seed: int = 0,
                  retention: Optional[Callable[[dict], torch.Tensor]] = None, progress: bool = False) -> dict[str, float]:
@@ -109,7 +109,7 @@ def heldout_sums(policy, samples: Sequence[Mapping], indices: Sequence[int], bat
         s["samples"] += len(chunk)
     return {k: float(v) for k, v in s.items()}
 
-
+# %% ../nbs/26_heldout.ipynb #f395a189
 def heldout_metrics(sums: Mapping[str, float]) -> dict[str, float]:
     "`eval/` rates from summed measures (see above)."
     n, steps = max(sums.get("samples", 0.0), 1.0), max(sums.get("steps", 0.0), 1.0)
@@ -133,7 +133,7 @@ def heldout_metrics(sums: Mapping[str, float]) -> dict[str, float]:
         m["eos_all_positive_f1"] = 2 * p / (1 + p) if p else 0.0  # say "end" everywhere: precision p, recall 1
     return {f"eval/{k}": v for k, v in m.items()}
 
-
+# %% ../nbs/26_heldout.ipynb #97ea9c51
 def evaluate_policy(policy, samples: Sequence[Mapping], stage: Optional[int] = None, batch_size: int = 16,
                     seed: int = 0, retention: Optional[Callable] = None, rank: int = 0, world: int = 1,
                     reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,

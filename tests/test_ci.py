@@ -84,3 +84,11 @@ def test_notebooks_are_numbered_in_reading_order():
     later = {nb: v for nb, v in later.items() if v}
     assert not later, f"notebooks importing a later module: {later}"
     assert all(m in owner for mods in uses.values() for m in mods if m != "_modidx"), uses
+
+
+def test_notebooks_are_valid_jupyter_notebooks():
+    "Every notebook opens in JupyterLab: nbformat's schema (e.g. a cell type 'md' instead of 'markdown' is invalid)."
+    import nbformat
+    paths = sorted((ROOT / "nbs").glob("*.ipynb")) + sorted((ROOT / "papers").glob("*.ipynb"))
+    for p in paths:
+        nbformat.validate(nbformat.read(p, as_version=4))
