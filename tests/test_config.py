@@ -105,6 +105,14 @@ def test_bad_configs_name_the_key(overrides, expected):
         assert s in str(e.value), f"{s!r} not in:\n{e.value}"
 
 
+def _file_error(path, text: str, load: str | None = None) -> str:
+    "Write `text` to `path`, load `load` (default `path`), and return the ConfigError's message."
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(load or path)
+    return str(e.value)
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
@@ -116,10 +124,8 @@ def test_bad_files(tmp_path):
     (tmp_path / "broken.yaml").write_text("trainer: [1, 2\n")
     with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
         load_config(tmp_path / "broken.yaml")
-    (tmp_path / "typo.yaml").write_text("trainer:\n  max_train_stepz: 3\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(tmp_path / "typo.yaml")
-    assert "typo.yaml" in str(e.value) and "did you mean 'trainer.max_train_steps'" in str(e.value)
+    msg = _file_error(tmp_path / "typo.yaml", "trainer:\n  max_train_stepz: 3\n")
+    assert "typo.yaml" in msg and "did you mean 'trainer.max_train_steps'" in msg
 
 
 def test_warnings_for_window_mismatch_and_loss_weight():
@@ -182,21 +188,15 @@ def test_base_inheritance_merges_nested_sections(tmp_path):
 
 def test_base_inheritance_fails_clearly(tmp_path):
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
-    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(tmp_path / "a.yaml")
-    assert "comes back to it" in str(e.value) and "a.yaml -> " in str(e.value) and "b.yaml" in str(e.value)
+    msg = _file_error(tmp_path / "b.yaml", "base: a.yaml\n", load=tmp_path / "a.yaml")
+    assert "comes back to it" in msg and "a.yaml -> " in msg and "b.yaml" in msg
     (tmp_path / "self.yaml").write_text("base: self.yaml\n")
     with pytest.raises(ConfigError, match="self.yaml"):
         load_config(tmp_path / "self.yaml")
-    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(tmp_path / "orphan.yaml")
-    assert "orphan.yaml" in str(e.value) and str(tmp_path / "missing.yaml") in str(e.value)
-    (tmp_path / "named.yaml").write_text("base: tinny\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(tmp_path / "named.yaml")
-    assert "named.yaml" in str(e.value) and "no config named 'tinny'" in str(e.value)
+    msg = _file_error(tmp_path / "orphan.yaml", "base: missing.yaml\n")
+    assert "orphan.yaml" in msg and str(tmp_path / "missing.yaml") in msg
+    msg = _file_error(tmp_path / "named.yaml", "base: tinny\n")
+    assert "named.yaml" in msg and "no config named 'tinny'" in msg
     (tmp_path / "bad.yaml").write_text("base: [tiny]\n")
     with pytest.raises(ConfigError, match="bad.yaml: base = \\['tiny'\\]"):
         load_config(tmp_path / "bad.yaml")
