@@ -1,12 +1,14 @@
 """Data-parallel scaling of training: samples/s on N processes / (N x samples/s on one), measured with the trainer of
-`nbs/train.ipynb` (`ecot.run.main`, what `ecot-train` runs) under `accelerate launch` with DDP, plus the share of
-each step spent waiting for data. Throughput is whole-span: the samples of the steps after `--skip` (compilation
+`nbs/train.ipynb` (`ecot.run.main`, what `ecot-train` runs) under `accelerate launch` with DDP (or FSDP:
+`--layout fsdp`, `configs/accelerate/fsdp.yaml`), plus the share of each step spent waiting for data and the peak GPU
+memory of rank 0. Throughput is whole-span: the samples of the steps after `--skip` (compilation
 and warm-up excluded) over their wall time, from the record at step `--skip` to the last record (`window_samples`
 and `wall_s` in each run's `metrics.jsonl`: samples over all ranks, seconds since training started), so stalls
 inside the span count. Printed beside it: the median and range of the logged windows, and the graphs compiled
 inside the span (`compiled_graphs`): one compiled after warm-up is a recompile, and it stalls every rank.
 
     python bench/ddp_scaling.py --config qwen3vl2b_random --stage 0 --steps 80     # GPUs: 1 and 2 processes
+    python bench/ddp_scaling.py --layout fsdp --nproc 2 --override trainer.eval_samples=0   # the same under FSDP
     python bench/ddp_scaling.py --config tiny --steps 12 --skip 4 --log-every 4 --batch-size 2   # CPU smoke run (gloo)
     python bench/ddp_scaling.py --nproc 1 --out runs/scaling; python bench/ddp_scaling.py --out runs/scaling --reuse
 """
@@ -34,7 +36,9 @@ def launch(nproc: int, run_dir: Path, a) -> None:
         train += ["--batch-size", str(a.batch_size)]
     if torch.cuda.is_available():
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", str(nproc)]
+               str(ROOT / "configs" / "accelerate" / f"{a.layout}.yaml"), "--num_processes", str(nproc)]
+    elif a.layout != "ddp":
+        raise SystemExit("--layout fsdp runs on GPUs (on CPUs, tests/test_multinode.py runs FSDP with gloo)")
     else:  # CPU processes with gloo (accelerate's MULTI_CPU launcher runs one process on one machine)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     cmd += ["--main_process_port" if torch.cuda.is_available() else "--master_port", str(29500 + nproc), __file__,
@@ -61,7 +65,8 @@ def summary(run_dir: Path, skip: int) -> dict:
     return {"samples_per_s": sum(r["window_samples"] for r in span) / wall, "steps": b["step"] - a["step"],
             "wall_s": wall, "window_median": statistics.median(windows), "window_min": min(windows),
             "window_max": max(windows), "recompiles": b.get("compiled_graphs", 0) - a.get("compiled_graphs", 0),
-            "data_share": data / (data + model), "data_ms": 1e3 * data, "model_ms": 1e3 * model}
+            "data_share": data / (data + model), "data_ms": 1e3 * data, "model_ms": 1e3 * model,
+            "peak_memory_gib": max((r.get("peak_memory_gib", float("nan")) for r in span), default=float("nan"))}
 
 
 def main():
@@ -77,6 +82,7 @@ def main():
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=None, help="per-process batch (default: the config's)")
     ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--layout", choices=("ddp", "fsdp"), default="ddp", help="data parallel (DDP) or sharded (FSDP2)")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     ap.add_argument("--reuse", action="store_true", help="read runs already in --out instead of running them again")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -92,12 +98,13 @@ def main():
             print(f"{n} process(es): {json.dumps(res[n])}", flush=True)
     base = res[min(res)]
     print(f"\n{'processes':>9} {'samples/s (span)':>17} {'windows: median, range':>24} {'recompiles':>10} "
-          f"{'scaling efficiency':>19} {'data wait / step':>17}")
+          f"{'scaling efficiency':>19} {'data wait / step':>17} {'peak GiB':>9}")
     for n, r in res.items():
         eff = r["samples_per_s"] / (n / min(res) * base["samples_per_s"])
         rng = f"{r['window_median']:.1f}, {r['window_min']:.1f}-{r['window_max']:.1f}"
-        print(f"{n:>9} {r['samples_per_s']:>17.1f} {rng:>24} {r['recompiles']:>10} {eff:>18.1%} {r['data_share']:>16.1%}")
-    print("targets: scaling efficiency >= 90% on 2 GPUs; data wait < 5% of the step")
+        print(f"{n:>9} {r['samples_per_s']:>17.1f} {rng:>24} {r['recompiles']:>10} {eff:>18.1%} {r['data_share']:>16.1%} "
+              f"{r['peak_memory_gib']:>9.1f}")
+    print(f"layout {a.layout}; targets: scaling efficiency >= 90% on 2 GPUs; data wait < 5% of the step")
 
 
 if __name__ == "__main__":

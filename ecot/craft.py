@@ -248,10 +248,13 @@ class CRaFTHook(TrainerHook):
             self.craft.reset()
 
     def state_dict(self) -> dict:
-        return {"craft_theta0": self.theta0.state_dict(), **({"craft": self.craft.state_dict()} if self.craft else {})}
+        return {"craft": self.craft.state_dict()} if self.craft else {}
+
+    def tensor_state_dict(self) -> dict:
+        return {"craft_theta0": self.theta0.theta0}  # model-sized: saved with the weights, loaded in place
 
     def load_state_dict(self, extras: dict):
-        if "craft_theta0" in extras:
+        if "craft_theta0" in extras:  # checkpoints from before θ0 was saved with the weights
             self.theta0.load_state_dict(extras["craft_theta0"])
         if self.craft is not None and "craft" in extras:
             self.craft.load_state_dict(extras["craft"])

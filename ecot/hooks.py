@@ -42,8 +42,13 @@ class TrainerHook:
         "The step is skipped (a non-finite loss or gradient): drop what was accumulated for it."
 
     def state_dict(self) -> dict:
-        "Named entries saved in every checkpoint's `extras.pt` (names unique among the trainer's hooks and extras)."
+        "Named entries saved in every checkpoint, by each rank (names unique among the trainer's hooks and extras)."
         return {}
 
     def load_state_dict(self, extras: dict):
         "Restore from a checkpoint's `extras` (all its entries); entries it lacks leave the fresh state."
+
+    def tensor_state_dict(self) -> dict[str, torch.Tensor]:
+        """Model-sized tensors (CRaFT's θ0), saved with the weights through `torch.distributed.checkpoint` (each rank
+        its own shard under FSDP, one copy under DDP) and loaded back into these same tensors."""
+        return {}

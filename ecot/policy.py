@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from fastcore.basics import patch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -332,15 +332,23 @@ def fsync_tree(root: Path, recursive: bool = True):
 
 
 @patch
-def save_pretrained(self: ECoTPolicy, path, stage: Optional[int] = None) -> Path:
+def save_pretrained(self: ECoTPolicy, path, stage: Optional[int] = None, state_dict: Optional[dict] = None) -> Path:
     """Write weights, the config sections (`policy`, `action_head`, `eos`), acting spec (at `stage` if given), VLM config,
-    processor and statistics to `path`."""
+    processor and statistics to `path`. `state_dict`: whole weights to write instead of the model's own (those of a
+    sharded model, gathered)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        save_model(self, str(tmp / "model.safetensors"))
+        if state_dict is None:
+            save_model(self, str(tmp / "model.safetensors"))
+        else:  # tied weights once, as save_model writes them (loading restores the tie)
+            seen, unique = set(), {}
+            for k, v in state_dict.items():
+                if v.data_ptr() not in seen:
+                    seen.add(v.data_ptr()); unique[k] = v.contiguous()
+            save_file(unique, str(tmp / "model.safetensors"))
         vlm = self.backbone.vlm
         self.backbone.vlm.config.save_pretrained(tmp / "vlm")
         acting = self.acting if stage is None else replace(self.acting, stage=stage)

@@ -22,10 +22,12 @@ from .craft import CRaFTHook
 from .dataset import ECoTRLDSDataset
 from .heldout import build_heldout, evaluate_policy
 from .policy import ECoTPolicy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
 from .trainer import Trainer, check_run_dir, resolve_checkpoint, seed_everything
 
 # %% auto #0
-__all__ = ['Run', 'build_run', 'save_policy', 'main']
+__all__ = ['Run', 'build_run', 'save_policy', 'check_fsdp', 'main']
 
 # %% ../nbs/27_run.ipynb #e053fe83
 @dataclass
@@ -41,12 +43,16 @@ class Run:
     calibration: list = field(default_factory=list)  # training frames the EOS threshold is chosen on
 
     def trainer(self, run_dir: str | os.PathLike, progress: bool = True, extras: Optional[dict] = None) -> Trainer:
-        "The run's Trainer, with the hooks the config asks for (`build_hooks`) and `extras` saved in its checkpoints."
-        return Trainer(self.cfg, self.policy, lambda: iter(self.loader), self.collator, run_dir,
-                       stage_fn=stage_fn(self.cfg), dataset_statistics=plain_statistics(self.dataset.statistics),
-                       extras=extras, evaluator=self.evaluate if self.heldout else None,
-                       progress=progress, data_seek=getattr(self.loader, "seek", None),
-                       hooks=build_hooks(self.cfg, self.policy))
+        """The run's Trainer, with the hooks the config asks for (`build_hooks`) and `extras` saved in its checkpoints.
+        Under FSDP it refuses what still needs whole weights on every rank."""
+        t = Trainer(self.cfg, self.policy, lambda: iter(self.loader), self.collator, run_dir,
+                    stage_fn=stage_fn(self.cfg), dataset_statistics=plain_statistics(self.dataset.statistics),
+                    extras=extras, evaluator=self.evaluate if self.heldout else None,
+                    progress=progress, data_seek=getattr(self.loader, "seek", None),
+                    hooks=build_hooks(self.cfg, self.policy))
+        if t.sharded:
+            check_fsdp(self.cfg, bool(self.heldout))
+        return t
 
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
         "Held-out `eval/` metrics of the policy at the trainer's stage (every process calls it; sums are reduced)."
@@ -80,10 +86,27 @@ def save_policy(run: Run, trainer: Trainer) -> Optional[Path]:
     if trainer.interrupted or trainer.step < run.cfg.trainer.max_train_steps:
         return None
     path = trainer.run_dir / "policy"
+    whole = None
+    if trainer.sharded:  # the policy is one file: every rank sends its shards to rank 0's CPU, once, at the end
+        whole = get_model_state_dict(trainer.acc.unwrap_model(trainer.model),
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainer.acc.is_main_process:
-        run.policy.save_pretrained(path, stage=trainer.stage)
+        run.policy.save_pretrained(path, stage=trainer.stage, state_dict=whole)
     trainer.acc.wait_for_everyone()
     return path
+
+# %% ../nbs/27_run.ipynb #732eee32
+def check_fsdp(cfg: Config, evaluates: bool):
+    "Refuse, by config key, what a sharded (FSDP) run cannot do yet."
+    cur = cfg.trainer.curriculum_learning
+    stages = [cfg.ecot.scheduled_stage] + (list(dict(cur.stage_schedule).values()) if cur.enable else [])
+    refused = [(max(stages) >= 1, f"latent stages (stage {max(stages)}: ecot.scheduled_stage or the curriculum)"),
+               (evaluates, "held-out evaluation (set trainer.eval_samples=0; evaluate the saved policy after)"),
+               (cfg.trainer.craft.enable or cfg.trainer.craft.measure_only, "trainer.craft")]
+    bad = [what for on, what in refused if on]
+    if bad:
+        raise ValueError("under FSDP these still need whole weights on every rank: " + "; ".join(bad) +
+                         ". Turn them off, or train with DDP (configs/accelerate/ddp.yaml)")
 
 # %% ../nbs/27_run.ipynb #acabbd0c
 def main(argv=None):

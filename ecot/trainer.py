@@ -23,10 +23,17 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator, DistributedDataParallelKwargs
+import tempfile
+
+import torch.distributed.checkpoint as dcp
+from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+from accelerate.utils import DistributedType, gather_object
 from fastcore.basics import patch
 from safetensors.torch import load_model, save_model
 from torch._dynamo.utils import counters as dynamo_counters
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -36,10 +43,11 @@ from .metrics import MetricsWindow, read_metrics, scalars
 from .policy import fsync_tree
 
 # %% auto #0
-__all__ = ['STATE_FILE', 'COMPLETE', 'SAFE_ON_RESUME', 'make_optimizer', 'make_scheduler', 'seed_everything', 'rng_state',
-           'set_rng_state', 'write_atomic', 'write_json', 'check_run_dir', 'clear_run_dir', 'resume_changes',
-           'checkpoints', 'latest_checkpoint', 'resolve_checkpoint', 'delete_checkpoint', 'clean_stale',
-           'MetricsLogger', 'NonFiniteLossError', 'NonFiniteWeightsError', 'Prefetcher', 'Trainer']
+__all__ = ['STATE_FILE', 'COMPLETE', 'SAFE_ON_RESUME', 'make_optimizer', 'make_scheduler', 'is_sharded', 'local',
+           'make_accelerator', 'seed_everything', 'rng_state', 'set_rng_state', 'write_atomic', 'write_json',
+           'check_run_dir', 'clear_run_dir', 'resume_changes', 'checkpoints', 'latest_checkpoint', 'resolve_checkpoint',
+           'delete_checkpoint', 'clean_stale', 'MetricsLogger', 'NonFiniteLossError', 'NonFiniteWeightsError',
+           'Prefetcher', 'Trainer', 'checkpoint_tensors']
 
 # %% ../nbs/23_trainer.ipynb #cdb575ca
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -60,6 +68,28 @@ def make_scheduler(optimizer, cfg: Config):
 # %% ../nbs/23_trainer.ipynb #4eaa24f0
 STATE_FILE = "trainer_state.json"
 COMPLETE = "COMPLETE"  # written last into a checkpoint, removed first when it is deleted
+
+# %% ../nbs/23_trainer.ipynb #fffa4587
+def is_sharded(model: torch.nn.Module) -> bool:
+    "Whether `model`'s parameters are sharded across ranks (FSDP2 makes each one a `DTensor`)."
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    "This rank's part of `t`: the local shard of a `DTensor`, else `t` itself."
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def make_accelerator(mixed_precision: str, handlers: Sequence = ()) -> Accelerator:
+    "accelerate's `Accelerator` (CPU processes on gloo where there is no GPU), with FSDP where the environment asks for it."
+    acc = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=list(handlers), cpu=not torch.cuda.is_available())
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if wants_fsdp and acc.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings, as accelerate does on GPUs
+        if mixed_precision != "no":
+            plugin.set_mixed_precision(mixed_precision)
+        acc.state.fsdp_plugin, acc.state.distributed_type = plugin, DistributedType.FSDP
+    return acc
 
 # %% ../nbs/23_trainer.ipynb #a6e8b4db
 def seed_everything(seed: int):
@@ -351,10 +381,10 @@ class Trainer:
         mp = ("bf16" if torch.cuda.is_available() else "no") if mp == "auto" else mp
         # a hook may leave parameters without a gradient in a step (the EOS head while its buffer fills): DDP must allow it
         ddp = DistributedDataParallelKwargs(find_unused_parameters=any(h.unused_parameters for h in self.hooks))
-        # cpu=True on GPU-less machines lets accelerate run several CPU processes (gloo) under torchrun
-        self.acc = accelerator or Accelerator(mixed_precision=mp, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
-        self.model = self.acc.prepare(model)
-        self.optimizer = self.acc.prepare(make_optimizer(model, cfg))
+        self.acc = accelerator or make_accelerator(mp, [ddp])
+        # together: FSDP2 shards the parameters in place, and the optimizer must hold the sharded ones
+        self.model, self.optimizer = self.acc.prepare(model, make_optimizer(model, cfg))
+        self.sharded = is_sharded(self.model)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         for h in self.hooks:
             h.setup(model)
@@ -363,6 +393,7 @@ class Trainer:
         self.epoch_batches = 0  # batches consumed in the current epoch: with `epoch`, the data cursor
         self._batches_at_step = (0, 0, 0)
         self.stage, self.interrupted, self.wandb_id = self.stage_fn(0), False, None
+        self.save_seconds: Optional[float] = None  # the last checkpoint's save time, until a record logs it
         self.history: list[dict] = []  # training records, one per logging step
         self.evaluations: list[dict] = []  # held-out records (`evaluator`)
 
@@ -383,7 +414,7 @@ def state(self: Trainer) -> dict:
 def save_checkpoint(self: Trainer) -> Path:
     """Write a complete checkpoint for the current step (temporary directory, completion marker last, fsync,
     rename, then `latest`); keep the last K. Refuses non-finite weights: a NaN never becomes a checkpoint."""
-    bad = [n for n, p in self.acc.unwrap_model(self.model).named_parameters() if not torch.isfinite(p).all()]
+    bad = self.nonfinite_weights()
     if bad:
         raise NonFiniteWeightsError(f"step {self.step}: non-finite weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
                                     "no checkpoint written (the last complete one is kept)")
@@ -394,17 +425,18 @@ def save_checkpoint(self: Trainer) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     self.acc.wait_for_everyone()
+    t0 = time.perf_counter()
+    dcp.save(self.tensor_state(), checkpoint_id=tmp / "state", no_dist=self.acc.num_processes == 1)  # each rank its part
     torch.save(rng_state(), tmp / f"rng_{rank}.pt")
+    torch.save(self.extras_state(), tmp / f"extras_{rank}.pt")  # per rank: the EOS buffer holds this rank's frames
     if self.acc.is_main_process:
-        save_model(self.acc.unwrap_model(self.model), str(tmp / "model.safetensors"))
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(self.extras_state(), tmp / "extras.pt")
         save_config(self.cfg, tmp / "config.yaml")
         if self.stats is not None:
             write_json(self.stats, tmp / "dataset_statistics.json")
         write_json(self.state(), tmp / STATE_FILE)
     self.acc.wait_for_everyone()
+    self.save_seconds = time.perf_counter() - t0  # logged with the next record: what a checkpoint costs
     if self.acc.is_main_process:
         fsync_tree(tmp)
         write_atomic(f"step {self.step}\n", tmp / COMPLETE)  # last: the checkpoint is whole
@@ -419,15 +451,33 @@ def save_checkpoint(self: Trainer) -> Path:
     self.acc.wait_for_everyone()
     return final
 
+
+@patch
+def nonfinite_weights(self: Trainer) -> list[str]:
+    "Names of the parameters holding a non-finite value on any rank: each rank checks its own part, then one gather."
+    named = list(self.acc.unwrap_model(self.model).named_parameters())
+    finite = torch.stack([torch.isfinite(local(p)).all() for _, p in named]).tolist() if named else []
+    bad = [n for (n, _), ok in zip(named, finite) if not ok]
+    return sorted(set(gather_object(bad))) if self.acc.num_processes > 1 else bad
+
+
+@patch
+def tensor_state(self: Trainer) -> dict:
+    """What a checkpoint's `state/` holds, as tensors of this process (shards under FSDP): the model's and the
+    optimizer's state dicts, keyed by parameter name, and the hooks' model-sized tensors."""
+    model_sd, optim_sd = get_state_dict(self.acc.unwrap_model(self.model), self.optimizer.optimizer)
+    hooks = {k: v for h in self.hooks for k, v in h.tensor_state_dict().items()}
+    return {"model": model_sd, "optimizer": optim_sd, **({"hooks": hooks} if hooks else {})}
+
 # %% ../nbs/23_trainer.ipynb #bdfd7a07
 @patch
 def extras_state(self: Trainer) -> dict:
-    "What a checkpoint's `extras.pt` holds: each extra's `state_dict()` under its name, and the hooks' named entries."
+    "What each rank's `extras_<rank>.pt` holds: each extra's `state_dict()` under its name, and the hooks' named entries."
     state = {k: v.state_dict() for k, v in self.extras.items()}
     for h in self.hooks:
         entries = h.state_dict()
         if set(entries) & set(state):
-            raise ValueError(f"{type(h).__name__} saves {sorted(set(entries) & set(state))} in extras.pt, which "
+            raise ValueError(f"{type(h).__name__} saves {sorted(set(entries) & set(state))} in its extras, which "
                              "another hook or an extra saves too: give each one name")
         state.update(entries)
     return state
@@ -438,10 +488,24 @@ def load_checkpoint(self: Trainer, ckpt: Path, restore_rng: bool = True):
     "Restore weights, optimizer, scheduler, extras, hooks and counters from `ckpt` (RNG too unless told not to)."
     # accelerate's CPU processes are on "cpu:0", which safetensors and torch.load refuse: load to plain "cpu"
     dev = torch.device("cpu") if self.acc.device.type == "cpu" else self.acc.device
-    load_model(self.acc.unwrap_model(self.model), str(ckpt / "model.safetensors"), device=str(dev))
-    self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=dev, weights_only=False))
+    rank = self.acc.process_index
+    if (ckpt / "state").is_dir():
+        state = self.tensor_state()  # AdamW state for every parameter (`get_state_dict` makes it where there is none)
+        saved = {k.rsplit(".", 1)[0] for k in dcp.FileSystemReader(ckpt / "state").read_metadata().state_dict_metadata}
+        # a parameter without a gradient yet (the EOS head while its buffer fills) had none: it must not have one now
+        state["optimizer"]["state"] = {k: v for k, v in state["optimizer"]["state"].items()
+                                       if f"optimizer.state.{k}" in saved}
+        dcp.load(state, checkpoint_id=ckpt / "state", no_dist=self.acc.num_processes == 1)  # in place, in this layout
+        set_state_dict(self.acc.unwrap_model(self.model), self.optimizer.optimizer,
+                       model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(strict=False))  # strict would demand state for every parameter
+    else:  # a checkpoint from before `state/`: one process's files
+        load_model(self.acc.unwrap_model(self.model), str(ckpt / "model.safetensors"), device=str(dev))
+        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=dev, weights_only=False))
     self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-    extras = torch.load(ckpt / "extras.pt", map_location=dev, weights_only=False)
+    # this rank's extras; rank 0's where the run had fewer ranks; `extras.pt` in older checkpoints
+    found = next(f for f in (ckpt / f"extras_{rank}.pt", ckpt / "extras_0.pt", ckpt / "extras.pt") if f.exists())
+    extras = torch.load(found, map_location=dev, weights_only=False)
     for k, v in self.extras.items():
         if k in extras:
             v.load_state_dict(extras[k])
@@ -453,6 +517,14 @@ def load_checkpoint(self: Trainer, ckpt: Path, restore_rng: bool = True):
     self.epoch_batches = s.get("epoch_batches")  # None in checkpoints from before the cursor: replayed
     if restore_rng:
         set_rng_state(torch.load(ckpt / f"rng_{self.acc.process_index}.pt", weights_only=False))
+
+
+def checkpoint_tensors(ckpt: Path) -> dict:
+    """A checkpoint's `state/` as plain whole tensors, `{"model": ..., "optimizer": ..., "hooks": ...}`, read in one
+    process whatever layout wrote it (for inspection and tests; a run resumes through `load_checkpoint`)."""
+    with tempfile.TemporaryDirectory() as d:
+        dcp_to_torch_save(Path(ckpt) / "state", Path(d) / "state.pt")
+        return torch.load(Path(d) / "state.pt", weights_only=False)
 
 # %% ../nbs/23_trainer.ipynb #0172ca75
 # -- data ----------------------------------------------------------------------------------
@@ -476,7 +548,8 @@ def banner(self: Trainer) -> str:
         "=" * 72, f"ecot training run {c.run_id!r} -> {self.run_dir}",
         f"  model       {c.framework.name}: VLM {c.framework.qwenvl.base_vlm}, {n_params / 1e6:.2f} M parameters "
         f"({n_train / 1e6:.2f} M trainable)",
-        f"  devices     {self.acc.num_processes} x {self.acc.device} ({self.acc.mixed_precision} precision)",
+        f"  devices     {self.acc.num_processes} x {self.acc.device} ({self.acc.mixed_precision} precision"
+        + (", weights sharded: FSDP)" if self.sharded else ", DDP)" if self.acc.num_processes > 1 else ")"),
         f"  optimizer   AdamW lr {c.trainer.learning_rate.base:g}, {c.trainer.lr_scheduler_type} schedule, "
         f"{c.trainer.num_warmup_steps} warmup, clip {c.trainer.gradient_clipping:g}",
         f"  steps       {c.trainer.max_train_steps} x batch {c.datasets.vla_data.per_device_batch_size} "
@@ -664,7 +737,8 @@ def _accumulate(self: Trainer, prefetch: Prefetcher) -> tuple[bool, list[dict], 
         t0 = time.perf_counter()  # data time: how long this process waits for the next collated batch
         samples, batch = self._fetch(prefetch)
         t1 = time.perf_counter()
-        no_sync = micro < accum - 1 or own_sync
+        # under FSDP every backward reduce-scatters: without it each rank would hold whole unsharded gradients
+        no_sync = not self.sharded and (micro < accum - 1 or own_sync)
         sync = lambda: acc.no_sync(self.model) if no_sync else nullcontext()  # a fresh context per use
         out, loss, ok = self._forward(batch, sync)
         if ok:
@@ -737,7 +811,8 @@ def _log(self: Trainer, outs: list[dict], own: dict, logger):
 def _reduce(self: Trainer) -> dict:
     """The window's record (`MetricsWindow.reduce`): means across ranks, `*_count` metrics summed (the model's
     `derived_metrics(record)`, if it has one, turns them into rates), throughput over all ranks, the wall time
-    since training began (`wall_s`) and the graphs compiled so far (`compiled_graphs`)."""
+    since training began (`wall_s`), the graphs compiled so far (`compiled_graphs`) and the last checkpoint's save
+    time (`checkpoint_s`) and, on a GPU, the peak memory so far (`peak_memory_gib`)."""
     acc = self.acc
     reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
     rec = self._window.reduce({"step": self.step, "stage": self.stage, "epoch": self.epoch}, acc.device, reduce_sum,
@@ -747,6 +822,10 @@ def _reduce(self: Trainer) -> dict:
     # (one compiled after warm-up is a recompile: new shapes, and every rank waits for it)
     rec["wall_s"] = time.perf_counter() - self._train_start
     rec["compiled_graphs"] = int(dynamo_counters["stats"]["unique_graphs"])
+    if acc.device.type == "cuda":  # this rank's peak so far: what the layout (DDP or FSDP) costs in memory
+        rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+    if self.save_seconds is not None:  # a checkpoint was saved since the last record: how long every rank waited
+        rec["checkpoint_s"], self.save_seconds = self.save_seconds, None
     return rec
 
 # %% ../nbs/23_trainer.ipynb #3b7ae9d7

@@ -190,5 +190,5 @@ def test_eos_f1_rises_in_a_short_run(tmp_path):
     recs = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "event" not in r]
     assert all(k in recs[-1] for k in ("eos_f1", "eos_loss", "eos_buffer_pos", "eos_buffer_neg", "eos_ready"))
-    extras = torch.load(tmp_path / f"run/checkpoints/step_{steps:06d}/extras.pt", weights_only=False)
+    extras = torch.load(tmp_path / f"run/checkpoints/step_{steps:06d}/extras_0.pt", weights_only=False)
     assert {c: len(b) for c, b in extras["eos_buffer"]["buffers"].items()} == {0: 50, 1: 50}

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ecot.config import Config
-from ecot.trainer import (COMPLETE, NonFiniteWeightsError, Trainer, checkpoints, clean_stale, delete_checkpoint,
-                          latest_checkpoint, read_metrics, seed_everything)
+from ecot.trainer import (COMPLETE, NonFiniteWeightsError, Trainer, checkpoint_tensors, checkpoints, clean_stale,
+                          delete_checkpoint, latest_checkpoint, read_metrics, seed_everything)
 
 
 class Lin(torch.nn.Module):
@@ -67,7 +67,7 @@ def test_nan_gradients_skip_the_step_and_never_reach_saved_weights(tmp_path):
     assert t.nonfinite_steps == 2 and t.step == 8
     assert all(torch.isfinite(p).all() for p in model.parameters())
     for ckpt in checkpoints(tmp_path / "run/checkpoints"):
-        assert all(torch.isfinite(v).all() for v in load_file(ckpt / "model.safetensors").values())
+        assert all(torch.isfinite(v).all() for v in checkpoint_tensors(ckpt)["model"].values())
     lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
     events = [r for r in map(_strict_json, lines) if r.get("event") == "nonfinite_skip"]
     assert [(e["step"], e["reason"]) for e in events] == [(3, "gradient"), (3, "gradient")]
@@ -120,8 +120,7 @@ def test_sigkill_during_saves_leaves_latest_loadable(tmp_path):
         found = checkpoints(root)
         assert found, f"trial {trial}: no complete checkpoint"
         for ckpt in found:
-            load_file(ckpt / "model.safetensors")
-            torch.load(ckpt / "optimizer.pt", weights_only=False)
+            checkpoint_tensors(ckpt)  # weights and optimizer state read back whole
             json.loads((ckpt / "trainer_state.json").read_text())
         assert latest_checkpoint(root) in found
     leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith("."))
@@ -140,7 +139,7 @@ def test_a_half_deleted_checkpoint_never_counts(tmp_path):
     root = tmp_path / "run/checkpoints"
     old = checkpoints(root)[0]
     (old / COMPLETE).unlink()  # a deletion that crashed right after removing the marker
-    (old / "optimizer.pt").unlink()
+    shutil.rmtree(old / "state")
     assert old not in checkpoints(root)
     delete_checkpoint(checkpoints(root)[0])
     assert [p.name for p in checkpoints(root)] == ["step_000006"]
@@ -180,7 +179,6 @@ def test_metrics_hold_each_step_once_after_a_resume(tmp_path):
 
 
 def test_ecot_train_exits_non_zero_when_preempted(tmp_path):
-    import shutil
     run_dir = tmp_path / "run"
     cmd = [shutil.which("ecot-train"), "--config", "tiny", "--max-steps", "500", "--batch-size", "2", "--wandb-mode",
            "disabled", "--run-dir", str(run_dir), "--override", "trainer.logging_frequency=1"]
@@ -270,7 +268,6 @@ def test_count_metrics_are_summed_over_the_window_and_rates_derived_from_the_sum
 
 
 def test_a_missing_resume_checkpoint_fails_before_anything_is_built(tmp_path):
-    import shutil
     t = time.time()
     r = subprocess.run([shutil.which("ecot-train"), "--config", "tiny", "--run-dir", str(tmp_path / "nothing"),
                         "--resume", "latest", "--wandb-mode", "disabled"], capture_output=True, text=True, timeout=120)
@@ -280,7 +277,6 @@ def test_a_missing_resume_checkpoint_fails_before_anything_is_built(tmp_path):
 
 def test_the_dataset_fingerprint_sees_a_change_anywhere_in_a_shard(tmp_path):
     "A byte changed past the first 64 KiB of a shard changes the statistics cache key (it did not before)."
-    import shutil
     from ecot.synthetic import embedded_dataset
     from ecot.episodes import TFDSDirectory
     from ecot.registry import DATASETS, file_digests

@@ -1,4 +1,5 @@
-"Several machines: two torchrun 'nodes' on one machine (c10d rendezvous, gloo), train, resume; the SLURM and accelerate launch files."
+"""Several processes and machines: two torchrun 'nodes' on one machine (c10d rendezvous, gloo) train and resume, with DDP
+and with FSDP; the SLURM and accelerate launch files."""
 import json
 import os
 import shutil
@@ -9,15 +10,18 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Optional
 
 import pytest
+import torch
 import yaml
 
-from ecot.trainer import checkpoints, read_metrics
+from ecot.trainer import checkpoint_tensors, checkpoints, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SBATCH = ROOT / "scripts/slurm/ecot_train.sbatch"
 MULTI_NODE_YAML = ROOT / "configs/accelerate/multi_node.yaml"
+FSDP_YAML = ROOT / "configs/accelerate/fsdp.yaml"
 KEYS = ("action_loss", "vlm_loss", "total_loss", "grad_norm")
 
 
@@ -35,20 +39,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_two_nodes(run_dir: Path, max_steps: int, *extra, timeout: float = 300) -> str:
+def _train_cmd(run_dir: Path, max_steps: int, *extra, stage: int = 2) -> list[str]:
+    "`ecot-train` of the tiny config, batch 2, logging every step and saving every 3."
+    return [_ecot_train(), "--config", "tiny", "--stage", str(stage), "--max-steps", str(max_steps), "--batch-size", "2",
+            "--wandb-mode", "disabled", "--run-dir", str(run_dir),
+            # constant LR without warmup: a resume may raise max_train_steps (a cosine schedule refuses that)
+            "--override", "trainer.lr_scheduler_type=constant", "--override", "trainer.num_warmup_steps=0",
+            "--override", "trainer.logging_frequency=1", "--override", "trainer.save_interval=3",
+            "--override", "trainer.eval_samples=0", *extra]
+
+
+def _launch_two_nodes(run_dir: Path, max_steps: int, *extra, timeout: float = 300, env: Optional[dict] = None,
+                      stage: int = 2) -> str:
     """Start two `torchrun --nnodes 2 --nproc_per_node 1` agents at once, meeting at a c10d rendezvous on localhost
     (the rendezvous assigns the node ranks), as two machines would; both must exit 0. Returns their output."""
     port, rdzv_id = _free_port(), f"ecot-test-{uuid.uuid4().hex[:12]}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", rdzv_id,
-           "--rdzv_conf", "join_timeout=120", "--max_restarts", "0",
-           _ecot_train(), "--config", "tiny", "--stage", "2", "--max-steps", str(max_steps), "--batch-size", "2",
-           "--wandb-mode", "disabled", "--run-dir", str(run_dir),
-           # constant LR without warmup: a resume may raise max_train_steps (a cosine schedule refuses that)
-           "--override", "trainer.lr_scheduler_type=constant", "--override", "trainer.num_warmup_steps=0",
-           "--override", "trainer.logging_frequency=1", "--override", "trainer.save_interval=3",
-           "--override", "trainer.eval_samples=0", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+           "--rdzv_conf", "join_timeout=120", "--max_restarts", "0", *_train_cmd(run_dir, max_steps, *extra, stage=stage)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+               **(env or {}))
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                               start_new_session=True) for _ in range(2)]
     outs, deadline = [], time.time() + timeout
@@ -93,6 +103,62 @@ def test_two_nodes_train_and_resume_as_a_straight_run(tmp_path):
     for x, y in zip(a, b):  # bit-exact, as the single-machine resume test (tests/test_train.py) asserts
         for k in KEYS:
             assert x[k] == y[k], (x["step"], k, x[k], y[k])
+
+
+def _fsdp_env() -> dict:
+    """What `accelerate launch --config_file configs/accelerate/fsdp.yaml` sets for each process (`ACCELERATE_USE_FSDP`,
+    and `FSDP_*` from `fsdp_config`), so torchrun runs the shipped FSDP config."""
+    env = {"ACCELERATE_USE_FSDP": "true"}
+    for k, v in yaml.safe_load(FSDP_YAML.read_text())["fsdp_config"].items():
+        name = "FSDP_" + k.removeprefix("fsdp_").upper().replace("TRANSFORMER_LAYER_CLS", "TRANSFORMER_CLS")
+        env[name] = str(v).lower() if isinstance(v, bool) else str(v)
+    return env
+
+
+def test_fsdp_saves_shards_and_resumes_as_a_straight_run(tmp_path):
+    """FSDP2 on two 'machines' (gloo), with the EOS head: each rank writes its own shard of weights and optimizer state
+    and its own EOS buffer; 3 steps resumed to 6 equal a straight 6-step run bit for bit, and train as DDP does; the
+    policy is written whole; a checkpoint of two sharded ranks resumes in one process."""
+    eos = ("--override", "framework.action_model.use_eos_classification=true")
+    straight, part, ddp = tmp_path / "straight", tmp_path / "part", tmp_path / "ddp"
+    fsdp = dict(env=_fsdp_env(), stage=0)  # latent stages are refused under FSDP (nbs/27_run.ipynb)
+    out = _launch_two_nodes(straight, 6, *eos, **fsdp)
+    assert "FSDP" in out  # the banner says the weights are sharded
+    _launch_two_nodes(part, 3, *eos, **fsdp)
+    resumed = _launch_two_nodes(part, 6, "--resume", "latest", *eos, **fsdp)
+    assert "resumed from" in resumed and "step_000003" in resumed, resumed[-3000:]
+    a, b = _train_records(straight), _train_records(part)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        for k in KEYS + ("eos_loss", "eos_buffer_pos", "eos_buffer_neg"):
+            assert x.get(k) == y.get(k), (x["step"], k, x.get(k), y.get(k))
+    assert any("checkpoint_s" in r for r in a)  # what a save costs is logged
+
+    ckpt = straight / "checkpoints/step_000006"
+    shards = sorted((ckpt / "state").glob("*.distcp"))
+    assert [f.name for f in shards] == ["__0_0.distcp", "__1_0.distcp"]
+    sizes = [f.stat().st_size for f in shards]
+    assert max(sizes) < 0.7 * sum(sizes), sizes  # each rank wrote its half: nothing was gathered on one rank
+    buffers = [torch.load(ckpt / f"extras_{r}.pt", weights_only=False)["eos_buffer"]["buffers"] for r in (0, 1)]
+    assert buffers[0][0] and buffers[1][0]
+    assert not torch.equal(torch.stack(list(buffers[0][0])[:1]), torch.stack(list(buffers[1][0])[:1]))  # own frames
+
+    from ecot.policy import ECoTPolicy
+    whole, saved = checkpoint_tensors(ckpt)["model"], ECoTPolicy.from_pretrained(straight / "policy").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in whole.items()), "the policy holds the checkpoint's whole weights"
+
+    _launch_two_nodes(ddp, 6, *eos, stage=0)  # the same run with DDP: the same first step, then losses within float noise
+    c = _train_records(ddp)
+    assert abs(a[0]["action_loss"] - c[0]["action_loss"]) < 1e-5, (a[0], c[0])
+    assert all(abs(x["total_loss"] - y["total_loss"]) < 1e-3 * abs(y["total_loss"]) for x, y in zip(a, c)), (a, c)
+
+    one = tmp_path / "one"  # resharded: the 2-rank FSDP checkpoint of step 3, resumed by one plain process
+    shutil.copytree(part, one)
+    shutil.rmtree(one / "checkpoints/step_000006"); (one / "checkpoints/latest").write_text("step_000003\n")
+    r = subprocess.run(_train_cmd(one, 4, "--resume", "latest", *eos, stage=0), capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [x["step"] for x in _train_records(one)][-1] == 4
 
 
 def test_multi_node_accelerate_config_loads():

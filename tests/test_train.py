@@ -38,7 +38,7 @@ def test_train_notebook_runs_the_requested_stage(stage, tmp_path):
     assert last["vlm_loss"] < 0.9 * first["vlm_loss"]
     assert [p.name for p in checkpoints(run_dir / "checkpoints")][-1] == "step_000040"
     ckpt = run_dir / "checkpoints/step_000040"
-    for f in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_0.pt", "trainer_state.json", "config.yaml",
+    for f in ("state/.metadata", "scheduler.pt", "rng_0.pt", "extras_0.pt", "trainer_state.json", "config.yaml",
               "dataset_statistics.json"):
         assert (ckpt / f).exists(), f
     assert (run_dir / "figures/losses.pdf").exists() and (run_dir / "figures/losses.png").exists()
