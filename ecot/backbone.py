@@ -14,12 +14,14 @@ from contextlib import nullcontext
 from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
+from types import MethodType
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
+from torch.distributed.fsdp import register_fsdp_forward_method
 from transformers import DynamicCache, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
 
@@ -28,7 +30,7 @@ from .config import TINY_VLM  # the `framework.qwenvl.base_vlm` value of the tin
 # %% auto #0
 __all__ = ['VISION_TOKENS', 'vlm_token_ids', 'mrope_section_for', 'tiny_qwen3vl_config', 'resolve_attn_implementation',
            'build_qwen3vl', 'resize_for_tokenizer', 'BackboneOutput', 'causal_lm_loss', 'column_layer', 'column_stack',
-           'compiled_column_step', 'QwenVLBackbone']
+           'compiled_column_step', 'QwenVLBackbone', 'layer_column']
 
 # %% ../nbs/14_backbone.ipynb #543c5e51
 VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -240,6 +242,7 @@ class QwenVLBackbone(nn.Module):
         self.vlm, self.hidden_layer = vlm, hidden_layer
         # the column passes through torch.compile: None = on CUDA only, True = always, False = never
         self.compile_columns: Optional[bool] = None
+        self.columns_sharded = False  # columns through each layer's FSDP2 hooks (`shard_columns`)
 
     @property
     def language_model(self) -> nn.Module: return self.vlm.model.language_model
@@ -375,8 +378,24 @@ def _latent_forward(self: QwenVLBackbone, embeds, attention_mask, position_ids, 
 @patch
 def _column_step(self: QwenVLBackbone, device):
     "`column_stack`, compiled when `compile_columns` says so (None: on CUDA)."
+    if self.columns_sharded:
+        return partial(column_stack, layer_fn=layer_column)
     compiled = self.compile_columns if self.compile_columns is not None else device.type == "cuda"
     return compiled_column_step() if compiled else column_stack
+
+
+def layer_column(layer, *args):
+    "One thinking column through `layer` by its `column` method (`shard_columns`): FSDP2's hooks run around it."
+    return layer.column(*args)
+
+
+@patch
+def shard_columns(self: QwenVLBackbone):
+    "Run the thinking columns through each decoder layer's FSDP2 hooks (a model sharded by FSDP2; see above)."
+    for layer in self.language_model.layers:
+        layer.column = MethodType(column_layer, layer)
+        register_fsdp_forward_method(layer, "column")
+    self.columns_sharded, self.compile_columns = True, False
 
 
 @patch

@@ -52,6 +52,7 @@ class Run:
                     hooks=build_hooks(self.cfg, self.policy))
         if t.sharded:
             check_fsdp(self.cfg, bool(self.heldout))
+            self.policy.backbone.shard_columns()  # the latent columns gather each layer's shard as forward does
         return t
 
     def evaluate(self, trainer: Trainer) -> dict[str, float]:
@@ -98,10 +99,7 @@ def save_policy(run: Run, trainer: Trainer) -> Optional[Path]:
 # %% ../nbs/27_run.ipynb #732eee32
 def check_fsdp(cfg: Config, evaluates: bool):
     "Refuse, by config key, what a sharded (FSDP) run cannot do yet."
-    cur = cfg.trainer.curriculum_learning
-    stages = [cfg.ecot.scheduled_stage] + (list(dict(cur.stage_schedule).values()) if cur.enable else [])
-    refused = [(max(stages) >= 1, f"latent stages (stage {max(stages)}: ecot.scheduled_stage or the curriculum)"),
-               (evaluates, "held-out evaluation (set trainer.eval_samples=0; evaluate the saved policy after)"),
+    refused = [(evaluates, "held-out evaluation (set trainer.eval_samples=0; evaluate the saved policy after)"),
                (cfg.trainer.craft.enable or cfg.trainer.craft.measure_only, "trainer.craft")]
     bad = [what for on, what in refused if on]
     if bad:

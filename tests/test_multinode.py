@@ -39,9 +39,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_cmd(run_dir: Path, max_steps: int, *extra, stage: int = 2) -> list[str]:
-    "`ecot-train` of the tiny config, batch 2, logging every step and saving every 3."
-    return [_ecot_train(), "--config", "tiny", "--stage", str(stage), "--max-steps", str(max_steps), "--batch-size", "2",
+def _train_cmd(run_dir: Path, max_steps: int, *extra) -> list[str]:
+    "`ecot-train` of the tiny config at stage 2, batch 2, logging every step and saving every 3."
+    return [_ecot_train(), "--config", "tiny", "--stage", "2", "--max-steps", str(max_steps), "--batch-size", "2",
             "--wandb-mode", "disabled", "--run-dir", str(run_dir),
             # constant LR without warmup: a resume may raise max_train_steps (a cosine schedule refuses that)
             "--override", "trainer.lr_scheduler_type=constant", "--override", "trainer.num_warmup_steps=0",
@@ -49,14 +49,13 @@ def _train_cmd(run_dir: Path, max_steps: int, *extra, stage: int = 2) -> list[st
             "--override", "trainer.eval_samples=0", *extra]
 
 
-def _launch_two_nodes(run_dir: Path, max_steps: int, *extra, timeout: float = 300, env: Optional[dict] = None,
-                      stage: int = 2) -> str:
+def _launch_two_nodes(run_dir: Path, max_steps: int, *extra, timeout: float = 300, env: Optional[dict] = None) -> str:
     """Start two `torchrun --nnodes 2 --nproc_per_node 1` agents at once, meeting at a c10d rendezvous on localhost
     (the rendezvous assigns the node ranks), as two machines would; both must exit 0. Returns their output."""
     port, rdzv_id = _free_port(), f"ecot-test-{uuid.uuid4().hex[:12]}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", rdzv_id,
-           "--rdzv_conf", "join_timeout=120", "--max_restarts", "0", *_train_cmd(run_dir, max_steps, *extra, stage=stage)]
+           "--rdzv_conf", "join_timeout=120", "--max_restarts", "0", *_train_cmd(run_dir, max_steps, *extra)]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
                **(env or {}))
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -116,12 +115,12 @@ def _fsdp_env() -> dict:
 
 
 def test_fsdp_saves_shards_and_resumes_as_a_straight_run(tmp_path):
-    """FSDP2 on two 'machines' (gloo), with the EOS head: each rank writes its own shard of weights and optimizer state
+    """FSDP2 on two 'machines' (gloo), at a latent stage, with the EOS head: each rank writes its own shard of weights and optimizer state
     and its own EOS buffer; 3 steps resumed to 6 equal a straight 6-step run bit for bit, and train as DDP does; the
     policy is written whole; a checkpoint of two sharded ranks resumes in one process."""
     eos = ("--override", "framework.action_model.use_eos_classification=true")
     straight, part, ddp = tmp_path / "straight", tmp_path / "part", tmp_path / "ddp"
-    fsdp = dict(env=_fsdp_env(), stage=0)  # latent stages are refused under FSDP (nbs/27_run.ipynb)
+    fsdp = dict(env=_fsdp_env())
     out = _launch_two_nodes(straight, 6, *eos, **fsdp)
     assert "FSDP" in out  # the banner says the weights are sharded
     _launch_two_nodes(part, 3, *eos, **fsdp)
@@ -147,7 +146,7 @@ def test_fsdp_saves_shards_and_resumes_as_a_straight_run(tmp_path):
     whole, saved = checkpoint_tensors(ckpt)["model"], ECoTPolicy.from_pretrained(straight / "policy").state_dict()
     assert all(torch.equal(saved[k], v) for k, v in whole.items()), "the policy holds the checkpoint's whole weights"
 
-    _launch_two_nodes(ddp, 6, *eos, stage=0)  # the same run with DDP: the same first step, then losses within float noise
+    _launch_two_nodes(ddp, 6, *eos)  # the same run with DDP: the same first step, then losses within float noise
     c = _train_records(ddp)
     assert abs(a[0]["action_loss"] - c[0]["action_loss"]) < 1e-5, (a[0], c[0])
     assert all(abs(x["total_loss"] - y["total_loss"]) < 1e-3 * abs(y["total_loss"]) for x, y in zip(a, c)), (a, c)
@@ -155,10 +154,49 @@ def test_fsdp_saves_shards_and_resumes_as_a_straight_run(tmp_path):
     one = tmp_path / "one"  # resharded: the 2-rank FSDP checkpoint of step 3, resumed by one plain process
     shutil.copytree(part, one)
     shutil.rmtree(one / "checkpoints/step_000006"); (one / "checkpoints/latest").write_text("step_000003\n")
-    r = subprocess.run(_train_cmd(one, 4, "--resume", "latest", *eos, stage=0), capture_output=True, text=True,
+    r = subprocess.run(_train_cmd(one, 4, "--resume", "latest", *eos), capture_output=True, text=True,
                        timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert [x["step"] for x in _train_records(one)][-1] == 4
+
+
+GRADS_WORKER = """
+import copy, json, sys, torch, torch.distributed as dist
+from ecot.config import load_config, with_stage
+from ecot.run import build_run
+from ecot.trainer import make_accelerator
+acc = make_accelerator("no")  # FSDP2 from the environment (`_fsdp_env`), as ecot-train gets it
+cfg = with_stage(load_config("tiny", ["datasets.vla_data.per_device_batch_size=2", "trainer.eval_samples=0"]), 2)
+run = build_run(cfg)
+batch = run.collator(next(iter(run.loader)))  # this rank's own batch
+ref = copy.deepcopy(run.policy)
+torch.manual_seed(1); ref(batch)["total_loss"].backward()
+want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+for g in want.values():  # what data parallelism must give: the ranks' mean gradient
+    dist.all_reduce(g); g /= dist.get_world_size()
+model, _ = acc.prepare(run.policy, torch.optim.AdamW(run.policy.parameters()))
+model.backbone.shard_columns()
+torch.manual_seed(1); model(batch)["total_loss"].backward()
+got = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+worst = max(float((got[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in want.items())
+with open(f"{sys.argv[1]}/grads_{dist.get_rank()}.json", "w") as f:
+    json.dump({"same_params": sorted(got) == sorted(want), "worst": worst}, f)
+"""
+
+
+def test_fsdp_latent_gradients_equal_the_ranks_mean_gradient(tmp_path):
+    """One stage-2 step under FSDP2 (sharded decoder layers, the latent columns through their hooks): every
+    parameter's gradient equals the mean over ranks of each rank's unsharded gradient on its own batch."""
+    script = tmp_path / "grads.py"
+    script.write_text(GRADS_WORKER)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(_free_port()), str(script), str(tmp_path)], capture_output=True, text=True,
+                       timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", **_fsdp_env()))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = [json.loads((tmp_path / f"grads_{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(x["same_params"] for x in res), res
+    assert all(x["worst"] < 1e-6 for x in res), res
 
 
 def test_multi_node_accelerate_config_loads():
