@@ -15,41 +15,45 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
-from .hooks import TrainerHook
+from .hooks import TrainerHook, is_sharded, local
 
 # %% auto #0
 __all__ = ['project_gradients', 'DualVariable', 'FrozenReference', 'retention_loss', 'masked_mean', 'PolicyRetentionFeatures',
            'CRaFT', 'CRaFTHook']
 
 # %% ../nbs/20_craft.ipynb #77c1a7f9
-def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
-
-
 def project_gradients(g_act: Sequence[torch.Tensor], g_ret: Sequence[torch.Tensor], granularity: str = "tensor",
-                      conflict_threshold: float = 0.0, delta: float = 1e-12) -> tuple[list[torch.Tensor], dict]:
+                      conflict_threshold: float = 0.0, delta: float = 1e-12,
+                      reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> tuple[list[torch.Tensor], dict]:
     """Project `g_act` off `g_ret` where they conflict; returns (projected gradients, statistics).
 
     A pair conflicts when cos(g_act, g_ret) < -conflict_threshold (threshold 0: the dot product is negative).
-    `granularity`: 'tensor' decides and projects per parameter tensor, 'global' once over all of them."""
+    `granularity`: 'tensor' decides and projects per parameter tensor, 'global' once over all of them.
+    `reduce` sums a tensor over ranks, for gradients of which each rank holds a shard (FSDP): every dot product and
+    norm is then the sum of the shards' parts, all gathered in one call."""
     if granularity not in ("tensor", "global"):
         raise ValueError(f"craft granularity = {granularity!r}: expected 'tensor' or 'global'")
-    dots = torch.stack([(a.double() * r.double()).sum() for a, r in zip(g_act, g_ret)])
-    na = torch.stack([a.double().norm() for a in g_act]); nr = torch.stack([r.double().norm() for r in g_ret])
+    reduce = reduce or (lambda t: t)
+    parts = torch.stack([torch.stack([(a.double() * r.double()).sum() for a, r in zip(g_act, g_ret)]),
+                         torch.stack([a.double().pow(2).sum() for a in g_act]),
+                         torch.stack([r.double().pow(2).sum() for r in g_ret]),
+                         torch.tensor([float(a.numel()) for a in g_act], dtype=torch.float64, device=g_act[0].device)])
+    dots, na2, nr2, numel = reduce(parts)
+    na, nr = na2.sqrt(), nr2.sqrt()
     cos_t = dots / (na * nr).clamp_min(1e-30)
-    numel = torch.tensor([a.numel() for a in g_act], dtype=torch.float64, device=dots.device)
     conflict_t = (cos_t < -conflict_threshold) & (na > 0) & (nr > 0)
-    dot, n_act, n_ret = dots.sum(), na.pow(2).sum().sqrt(), nr.pow(2).sum().sqrt()
+    dot, n_act, n_ret = dots.sum(), na2.sum().sqrt(), nr2.sum().sqrt()
     cos = dot / (n_act * n_ret).clamp_min(1e-30)
     if granularity == "tensor":
-        coef = torch.where(conflict_t, dots / (nr.pow(2) + delta), torch.zeros_like(dots))
+        coef = torch.where(conflict_t, dots / (nr2 + delta), torch.zeros_like(dots))
     else:
         glob = bool(cos < -conflict_threshold) and n_act > 0 and n_ret > 0
         coef = torch.full_like(dots, float(dot / (n_ret.pow(2) + delta)) if glob else 0.0)
     out = [a - c.to(a.dtype) * r for a, r, c in zip(g_act, g_ret, coef)]
-    n_out2 = sum(o.double().pow(2).sum() for o in out)
+    n_out2 = reduce(sum(o.double().pow(2).sum() for o in out))
     stats = {
         "conflict_ratio": conflict_t.double().mean().item(),
         "conflict_ratio_weighted": (conflict_t.double() * numel).sum().item() / numel.sum().item(),
@@ -87,25 +91,38 @@ class DualVariable:
         self.lam, self.updates, self.epsilon0 = s["lam"], s["updates"], s["epsilon0"]
 
 # %% ../nbs/20_craft.ipynb #f7196c9e
-class FrozenReference(nn.Module):
-    "Frozen copy θ0 of a model's trainable tensors; `ref(module, *args)` runs `module` with θ0 swapped in."
-    def __init__(self, model: nn.Module, prefix: str = ""):
-        super().__init__()
-        self.prefix = prefix  # where `model` sits inside the modules this reference is called on
-        self.theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+class FrozenReference:
+    "Frozen copy θ0 of a model's trainable tensors; `ref(fn, *args)` runs `fn(*args)` with θ0 in the model's place."
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.theta0 = {n: p.detach().clone() for n, p in self.params.items()}  # sharded like the model
 
     @torch.no_grad()
-    def __call__(self, module: nn.Module, *args, **kwargs):
-        "Run `module` without gradients, its copy of the model's trainable tensors replaced by θ0."
-        params = {self.prefix + n: t for n, t in self.theta0.items()}
-        return functional_call(module, params, args, kwargs, strict=False)
+    def __call__(self, fn: Callable, *args, **kwargs):
+        "`fn(*args, **kwargs)` without gradients, the model's trainable tensors holding θ0 meanwhile."
+        self._swap()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._swap()
 
-    def state_dict(self, *a, **k) -> dict:
+    def _swap(self):
+        "Exchange the model's weights and θ0 in place, each rank its own part."
+        for n, p in self.params.items():
+            mine, frozen = local(p).data, local(self.theta0[n])
+            held = mine.clone()
+            mine.copy_(frozen)
+            frozen.copy_(held)
+        if isinstance(self.model, FSDPModule):  # the root keeps its gathered weights until the backward: drop them
+            self.model.reshard()
+
+    def state_dict(self) -> dict:
         return {"theta0": self.theta0}
 
-    def load_state_dict(self, s: dict, strict: bool = True):
-        device = next(iter(self.theta0.values())).device if self.theta0 else None
-        self.theta0 = {n: t.to(device) for n, t in s["theta0"].items()}
+    def load_state_dict(self, s: dict):
+        for n, t in s["theta0"].items():
+            self.theta0[n].copy_(t)
 
 
 def retention_loss(features: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -144,24 +161,37 @@ class PolicyRetentionFeatures(nn.Module):
         return feats
 
 # %% ../nbs/20_craft.ipynb #89907eb0
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t
+
+
+def _shaped_like(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    "`g`, this rank's part of a gradient, as a gradient of `p` (a `DTensor` sharded like `p` under FSDP)."
+    if not isinstance(p, DTensor):
+        return g
+    return DTensor.from_local(g, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False)
+
+
 class CRaFT:
     "Gradient surgery + dual ascent around a model's action and retention losses."
     def __init__(self, params: Iterable[nn.Parameter], dual: DualVariable, granularity: str = "tensor",
                  conflict_threshold: float = 0.0, delta: float = 1e-12):
         self.params = [p for p in params if p.requires_grad]
         self.dual, self.granularity, self.threshold, self.delta = dual, granularity, conflict_threshold, delta
+        self.sharded = any(isinstance(p, DTensor) for p in self.params)  # FSDP: each rank a shard of every gradient
         self.reset()
 
     def reset(self):
         "Drop the accumulated gradients (a skipped step)."
-        self.g_act = [torch.zeros_like(p) for p in self.params]
-        self.g_ret = [torch.zeros_like(p) for p in self.params]
+        self.g_act = [torch.zeros_like(local(p)) for p in self.params]
+        self.g_ret = [torch.zeros_like(local(p)) for p in self.params]
         self.ret_losses: list[float] = []
 
     def _stash(self, into: list[torch.Tensor]):
         for buf, p in zip(into, self.params):
             if p.grad is not None:
-                buf.add_(p.grad)
+                buf.add_(local(p.grad))
                 p.grad = None
 
     def backward(self, action_loss: torch.Tensor, ret_loss: torch.Tensor, scale: float = 1.0,
@@ -176,8 +206,14 @@ class CRaFT:
     def apply(self) -> dict:
         "Project the accumulated gradients, write the update into `.grad`, step λ; returns statistics."
         l_ret = sum(self.ret_losses) / max(len(self.ret_losses), 1)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            world = dist.get_world_size()
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        reduce = None
+        if world > 1 and self.sharded:  # the gradient shards are averaged already; the loss is not
+            t = torch.tensor([l_ret], dtype=torch.float64, device=self.g_act[0].device)
+            dist.all_reduce(t)
+            l_ret = float(t) / world
+            reduce = _all_reduce_sum
+        elif world > 1:
             flat = torch.cat([g.flatten() for g in self.g_act + self.g_ret] +
                              [torch.tensor([l_ret], device=self.g_act[0].device, dtype=self.g_act[0].dtype)])
             dist.all_reduce(flat)
@@ -186,10 +222,10 @@ class CRaFT:
             for g in self.g_act + self.g_ret:
                 g.copy_(flat[offset: offset + g.numel()].view_as(g)); offset += g.numel()
             l_ret = float(flat[-1])
-        projected, stats = project_gradients(self.g_act, self.g_ret, self.granularity, self.threshold, self.delta)
+        projected, stats = project_gradients(self.g_act, self.g_ret, self.granularity, self.threshold, self.delta, reduce)
         lam = self.dual.lam  # the update uses the current λ; λ then moves with this step's constraint violation
         for p, ga, gr in zip(self.params, projected, self.g_ret):
-            p.grad = ga + lam * gr
+            p.grad = _shaped_like(p, ga + lam * gr)
         stats.update({"lambda": lam, "retention_loss": l_ret, "epsilon": self.dual.epsilon})
         self.dual.update(l_ret)
         self.reset()
@@ -206,8 +242,8 @@ class CRaFTHook(TrainerHook):
     "CRaFT's part in the training loop, from a `trainer.craft` config section (`features(model)`: retention features)."
     shown = ("lambda", "conflict_ratio")
 
-    def __init__(self, cfg, features: Optional[Callable[[nn.Module], nn.Module]] = None, prefix: str = "policy."):
-        self.cfg, self.prefix, self.make_features = cfg, prefix, features
+    def __init__(self, cfg, features: Optional[Callable[[nn.Module], nn.Module]] = None):
+        self.cfg, self.make_features = cfg, features
         self.craft = self.theta0 = self.features = None
         self.syncs_gradients = cfg.enable and not cfg.measure_only  # CRaFT.apply all-reduces its buffers
 
@@ -216,7 +252,12 @@ class CRaFTHook(TrainerHook):
         c = self.cfg
         self.features = (self.make_features(model) if self.make_features is not None
                          else PolicyRetentionFeatures(model, c.vision_layer, c.text_layer))
-        self.theta0 = FrozenReference(model, prefix=self.prefix)  # `prefix`: where `model` sits in `features`
+        if is_sharded(model):  # FSDP2 gathers weights around a forward: the features become one of the model's
+            model.craft_features = self.features.forward
+            register_fsdp_forward_method(model, "craft_features")
+            self.features = model.craft_features
+            self.syncs_gradients = False  # FSDP averages each backward's gradient shards itself
+        self.theta0 = FrozenReference(model)
         if c.measure_only:
             return
         dual = DualVariable(c.dual_lr, c.epsilon, c.lambda_init, c.lambda_max, c.epsilon_final, c.epsilon_anneal_steps)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 # %% auto #0
-__all__ = ['TrainerHook']
+__all__ = ['TrainerHook', 'is_sharded', 'local']
 
 # %% ../nbs/18_hooks.ipynb #b46f4dc3
 class TrainerHook:
@@ -52,3 +53,13 @@ class TrainerHook:
         """Model-sized tensors (CRaFT's θ0), saved with the weights through `torch.distributed.checkpoint` (each rank
         its own shard under FSDP, one copy under DDP) and loaded back into these same tensors."""
         return {}
+
+# %% ../nbs/18_hooks.ipynb #6057fc55
+def is_sharded(model: torch.nn.Module) -> bool:
+    "Whether `model`'s parameters are sharded across ranks (FSDP2 makes each one a `DTensor`)."
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    "This rank's part of `t`: the local shard of a `DTensor`, else `t` itself."
+    return t.to_local() if isinstance(t, DTensor) else t

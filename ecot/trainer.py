@@ -33,21 +33,20 @@ from safetensors.torch import load_model, save_model
 from torch._dynamo.utils import counters as dynamo_counters
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .config import REMOVED_KEYS, Config, save_config
-from .hooks import TrainerHook
+from .hooks import TrainerHook, is_sharded, local
 from .metrics import MetricsWindow, read_metrics, scalars
 from .policy import fsync_tree
 
 # %% auto #0
-__all__ = ['STATE_FILE', 'COMPLETE', 'SAFE_ON_RESUME', 'make_optimizer', 'make_scheduler', 'is_sharded', 'local',
-           'make_accelerator', 'seed_everything', 'rng_state', 'set_rng_state', 'write_atomic', 'write_json',
-           'check_run_dir', 'clear_run_dir', 'resume_changes', 'checkpoints', 'latest_checkpoint', 'resolve_checkpoint',
-           'delete_checkpoint', 'clean_stale', 'MetricsLogger', 'NonFiniteLossError', 'NonFiniteWeightsError',
-           'Prefetcher', 'Trainer', 'checkpoint_tensors']
+__all__ = ['STATE_FILE', 'COMPLETE', 'SAFE_ON_RESUME', 'make_optimizer', 'make_scheduler', 'make_accelerator', 'seed_everything',
+           'rng_state', 'set_rng_state', 'write_atomic', 'write_json', 'check_run_dir', 'clear_run_dir',
+           'resume_changes', 'checkpoints', 'latest_checkpoint', 'resolve_checkpoint', 'delete_checkpoint',
+           'clean_stale', 'MetricsLogger', 'NonFiniteLossError', 'NonFiniteWeightsError', 'Prefetcher', 'Trainer',
+           'checkpoint_tensors']
 
 # %% ../nbs/23_trainer.ipynb #cdb575ca
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -70,16 +69,6 @@ STATE_FILE = "trainer_state.json"
 COMPLETE = "COMPLETE"  # written last into a checkpoint, removed first when it is deleted
 
 # %% ../nbs/23_trainer.ipynb #fffa4587
-def is_sharded(model: torch.nn.Module) -> bool:
-    "Whether `model`'s parameters are sharded across ranks (FSDP2 makes each one a `DTensor`)."
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    "This rank's part of `t`: the local shard of a `DTensor`, else `t` itself."
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def make_accelerator(mixed_precision: str, handlers: Sequence = ()) -> Accelerator:
     "accelerate's `Accelerator` (CPU processes on gloo where there is no GPU), with FSDP where the environment asks for it."
     acc = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=list(handlers), cpu=not torch.cuda.is_available())

@@ -55,7 +55,7 @@ def test_every_trainable_parameter_gets_the_craft_update():
     run = build_run(_cfg(1))
     policy, batch = run.policy, run.collator(next(iter(run.loader)))
     feats = PolicyRetentionFeatures(policy)
-    ref = FrozenReference(policy, prefix="policy.")
+    ref = FrozenReference(policy)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(1e-2 * torch.randn_like(p))  # move away from θ0 so the retention gradient is non-zero

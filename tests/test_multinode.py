@@ -115,10 +115,12 @@ def _fsdp_env() -> dict:
 
 
 def test_fsdp_saves_shards_and_resumes_as_a_straight_run(tmp_path):
-    """FSDP2 on two 'machines' (gloo), at a latent stage, with the EOS head: each rank writes its own shard of weights and optimizer state
-    and its own EOS buffer; 3 steps resumed to 6 equal a straight 6-step run bit for bit, and train as DDP does; the
-    policy is written whole; a checkpoint of two sharded ranks resumes in one process."""
-    eos = ("--override", "framework.action_model.use_eos_classification=true")
+    """FSDP2 on two 'machines' (gloo), at a latent stage, with the EOS head and CRaFT: each rank writes its own shard of
+    weights, optimizer state and θ0 and its own EOS buffer; λ is the same on both; 3 steps resumed to 6 equal a straight
+    6-step run bit for bit, and train as DDP does; the policy is written whole; a checkpoint of two sharded ranks
+    resumes in one process."""
+    eos = ("--override", "framework.action_model.use_eos_classification=true", "--override", "trainer.craft.enable=true",
+           "--override", "trainer.craft.epsilon=0.0")  # ε = 0: λ rises from the first step
     straight, part, ddp = tmp_path / "straight", tmp_path / "part", tmp_path / "ddp"
     fsdp = dict(env=_fsdp_env())
     out = _launch_two_nodes(straight, 6, *eos, **fsdp)
@@ -129,7 +131,7 @@ def test_fsdp_saves_shards_and_resumes_as_a_straight_run(tmp_path):
     a, b = _train_records(straight), _train_records(part)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(a, b):
-        for k in KEYS + ("eos_loss", "eos_buffer_pos", "eos_buffer_neg"):
+        for k in KEYS + ("eos_loss", "eos_buffer_pos", "eos_buffer_neg", "retention_loss", "lambda", "grad_cosine"):
             assert x.get(k) == y.get(k), (x["step"], k, x.get(k), y.get(k))
     assert any("checkpoint_s" in r for r in a)  # what a save costs is logged
 
@@ -141,6 +143,9 @@ def test_fsdp_saves_shards_and_resumes_as_a_straight_run(tmp_path):
     buffers = [torch.load(ckpt / f"extras_{r}.pt", weights_only=False)["eos_buffer"]["buffers"] for r in (0, 1)]
     assert buffers[0][0] and buffers[1][0]
     assert not torch.equal(torch.stack(list(buffers[0][0])[:1]), torch.stack(list(buffers[1][0])[:1]))  # own frames
+    lams = [torch.load(ckpt / f"extras_{r}.pt", weights_only=False)["craft"]["dual"]["lam"] for r in (0, 1)]
+    assert lams[0] == lams[1] > 0, lams  # every rank steps λ with the rank-averaged retention loss
+    assert all(r["retention_loss"] > 0 for r in a[1:])  # θ0's features differ from the moved model's
 
     from ecot.policy import ECoTPolicy
     whole, saved = checkpoint_tensors(ckpt)["model"], ECoTPolicy.from_pretrained(straight / "policy").state_dict()
@@ -149,7 +154,8 @@ def test_fsdp_saves_shards_and_resumes_as_a_straight_run(tmp_path):
     _launch_two_nodes(ddp, 6, *eos)  # the same run with DDP: the same first step, then losses within float noise
     c = _train_records(ddp)
     assert abs(a[0]["action_loss"] - c[0]["action_loss"]) < 1e-5, (a[0], c[0])
-    assert all(abs(x["total_loss"] - y["total_loss"]) < 1e-3 * abs(y["total_loss"]) for x, y in zip(a, c)), (a, c)
+    for k in ("total_loss", "retention_loss", "lambda"):  # CRaFT's statistics too: projected over shards as whole
+        assert all(abs(x[k] - y[k]) <= 1e-3 * abs(y[k]) for x, y in zip(a, c)), (k, [(x[k], y[k]) for x, y in zip(a, c)])
 
     one = tmp_path / "one"  # resharded: the 2-rank FSDP checkpoint of step 3, resumed by one plain process
     shutil.copytree(part, one)
