@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Optional
 
@@ -23,12 +24,14 @@ from .craft import CRaFTHook
 from .dataset import ECoTRLDSDataset
 from .heldout import build_heldout, evaluate_policy
 from .policy import ECoTPolicy
+import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from .trainer import Trainer, check_run_dir, resolve_checkpoint, seed_everything
 
 # %% auto #0
-__all__ = ['Run', 'build_run', 'save_policy', 'check_fsdp', 'main']
+__all__ = ['Run', 'build_run', 'save_policy', 'main']
 
 # %% ../nbs/27_run.ipynb #e053fe83
 @dataclass
@@ -42,6 +45,7 @@ class Run:
     policy: ECoTPolicy
     heldout: list = field(default_factory=list)  # validation frames (`build_heldout`)
     calibration: list = field(default_factory=list)  # training frames the EOS threshold is chosen on
+    whole: Optional[ECoTPolicy] = field(default=None, repr=False)  # under FSDP: the unsharded copy evaluation acts with
 
     def trainer(self, run_dir: str | os.PathLike, progress: bool = True, extras: Optional[dict] = None) -> Trainer:
         """The run's Trainer, with the hooks the config asks for (`build_hooks`) and `extras` saved in its checkpoints.
@@ -52,7 +56,6 @@ class Run:
                     progress=progress, data_seek=getattr(self.loader, "seek", None),
                     hooks=build_hooks(self.cfg, self.policy))
         if t.sharded:
-            check_fsdp(self.cfg, bool(self.heldout))
             self.policy.backbone.shard_columns()  # the latent columns gather each layer's shard as forward does
             # FSDP2 warns that the policy returns views (slices of one hidden state); nothing changes them in place
             warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -63,10 +66,31 @@ class Run:
         acc = trainer.acc
         craft = trainer.hook(CRaFTHook)
         retention = craft.retention_loss if craft is not None else None
-        return evaluate_policy(acc.unwrap_model(trainer.model), self.heldout, trainer.stage,
-                               self.cfg.datasets.vla_data.per_device_batch_size, self.cfg.seed, retention,
-                               acc.process_index, acc.num_processes, lambda t: acc.reduce(t, reduction="sum"),
-                               progress=trainer.progress and acc.is_main_process, calibration=self.calibration)
+        policy = acc.unwrap_model(trainer.model)
+        if trainer.sharded:  # the inference path reads whole weights; each rank's retention runs its own batches
+            policy, retention = self.gather_whole(policy, acc.device), None
+        out = evaluate_policy(policy, self.heldout, trainer.stage,
+                              self.cfg.datasets.vla_data.per_device_batch_size, self.cfg.seed, retention,
+                              acc.process_index, acc.num_processes, lambda t: acc.reduce(t, reduction="sum"),
+                              progress=trainer.progress and acc.is_main_process, calibration=self.calibration)
+        if policy is self.whole and policy.eos is not None:  # the threshold calibrated on the copy is the policy's
+            self.policy.eos.threshold = policy.eos.threshold
+        return out
+
+    def gather_whole(self, sharded: ECoTPolicy, device) -> ECoTPolicy:
+        """An unsharded copy of the FSDP-sharded policy with its current weights, built once and refreshed on every
+        call: gathered one parameter at a time (every rank, in the same order), so no rank ever holds more than the
+        copy and one whole parameter."""
+        if self.whole is None:
+            self.whole = build_policy(self.cfg, self.processor, plain_statistics(self.dataset.statistics)).to(device)
+        with torch.no_grad():
+            for (n, p), (m, q) in zip(chain(sharded.named_parameters(), sharded.named_buffers()),
+                                      chain(self.whole.named_parameters(), self.whole.named_buffers())):
+                assert n == m, (n, m)
+                q.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+        if sharded.eos is not None:
+            self.whole.eos.threshold = sharded.eos.threshold
+        return self.whole
 
 
 def build_run(cfg: Config) -> Run:
@@ -98,14 +122,6 @@ def save_policy(run: Run, trainer: Trainer) -> Optional[Path]:
         run.policy.save_pretrained(path, stage=trainer.stage, state_dict=whole)
     trainer.acc.wait_for_everyone()
     return path
-
-# %% ../nbs/27_run.ipynb #732eee32
-def check_fsdp(cfg: Config, evaluates: bool):
-    "Refuse what a sharded (FSDP) run cannot do yet: held-out evaluation during training."
-    if evaluates:
-        raise ValueError("under FSDP, held-out evaluation during training still needs whole weights on every rank: "
-                         "set trainer.eval_samples=0 and evaluate the saved policy after (ecot-eval), or train with DDP "
-                         "(configs/accelerate/ddp.yaml)")
 
 # %% ../nbs/27_run.ipynb #acabbd0c
 def main(argv=None):

@@ -166,6 +166,23 @@ def test_fsdp_saves_shards_and_resumes_as_a_straight_run(tmp_path):
     assert [x["step"] for x in _train_records(one)][-1] == 4
 
 
+def test_fsdp_evaluates_as_ddp(tmp_path):
+    """Held-out evaluation under FSDP (an unsharded copy gathered from the shards, the EOS threshold calibrated on it)
+    gives DDP's figures, and training after it goes on as under DDP."""
+    ev = ("--override", "trainer.eval_samples=8", "--override", "trainer.eval_interval=2",
+          "--override", "framework.action_model.use_eos_classification=true")
+    _launch_two_nodes(tmp_path / "fsdp", 4, *ev, env=_fsdp_env())
+    _launch_two_nodes(tmp_path / "ddp", 4, *ev)
+    evals = {k: [r for r in read_metrics(tmp_path / k) if r.get("event") == "eval"] for k in ("fsdp", "ddp")}
+    assert [r["step"] for r in evals["fsdp"]] == [r["step"] for r in evals["ddp"]] == [2, 4]
+    for a, b in zip(evals["fsdp"], evals["ddp"]):
+        assert set(a) == set(b)
+        for k in ("eval/action_loss", "eval/expected_mse", "eval/mse", "eval/vlm_loss", "eval/eos_threshold"):
+            assert abs(a[k] - b[k]) <= 1e-3 * abs(b[k]) + 1e-6, (k, a[k], b[k])
+    a, b = _train_records(tmp_path / "fsdp"), _train_records(tmp_path / "ddp")
+    assert all(abs(x["total_loss"] - y["total_loss"]) <= 1e-3 * abs(y["total_loss"]) for x, y in zip(a, b))
+
+
 GRADS_WORKER = """
 import copy, json, sys, torch, torch.distributed as dist
 from ecot.config import load_config, with_stage
