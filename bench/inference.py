@@ -10,45 +10,14 @@ A random-weight model never writes `<|im_end|>`, so every text phase runs to `--
 fixed and printed. ms per token = (stage-0 chunk with T tokens − stage-0 chunk without text) / T.
 """
 import argparse
-import platform
 import statistics
-import time
 from dataclasses import replace
 
 import numpy as np
 import torch
-import transformers
 
 from ecot.build import build_dataset, build_policy, build_processor, plain_statistics, run_config
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def dynamo_graphs() -> int:
-    from torch._dynamo.utils import counters
-    return int(counters["stats"]["unique_graphs"])
-
-
-def time_calls(fn, device, steps: int, max_warmup: int = 6) -> list[float]:
-    "Warm up until the compiler stops making graphs (at least 2 calls), then `steps` timed calls (seconds each)."
-    before = None
-    for i in range(max_warmup):
-        fn()
-        sync(device)
-        now = dynamo_graphs()
-        if i >= 1 and now == before:
-            break
-        before = now
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+from timing import dynamo_graphs, environment, stats, time_calls
 
 
 def copy_bandwidth(device, gib: float = 2.0) -> float:
@@ -125,8 +94,7 @@ def main():
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.layers.parameters()) + \
         sum(p.numel() * p.element_size() for p in policy.backbone.vlm.lm_head.parameters())
     bw = copy_bandwidth(device)
-    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
+    print(environment(device))
     print(f"config {a.config}: {sum(p.numel() for p in policy.parameters()) / 1e9:.2f} B parameters, {dtype}, "
           f"image {tuple(cfg.datasets.vla_data.image_size)}, chunk {policy.action_head.chunk_len}, "
           f"{policy.action_head.num_inference_steps} denoising steps, {replace(spec, stage=2).n_thinking} thinking columns at stage 2 "
@@ -161,7 +129,7 @@ def main():
                     results[mode, name] += time_calls(calls[name], device, 1, max_warmup=0)
         for name, *_ in cases:
             t = results[mode, name]
-            med, mean = statistics.median(t), statistics.mean(t)
+            med, mean = stats(t)["median"], stats(t)["mean"]
             print(f"[{mode:6s}] {name:42s} median {med * 1e3:8.1f} ms  mean {mean * 1e3:8.1f} ms  "
                   f"{1 / med:6.2f} Hz  ({columns[name]} generated columns, total of {len(t)} calls "
                   f"{sum(t):.2f} s)", flush=True)

@@ -2,25 +2,28 @@
 divided by the stage-0 step on the same model, batch and sequence — for the project's KV-cache latent path
 (lean one-column passes), the Coconut-style loop (one full `language_model` call per column on a growing
 `DynamicCache`, `ecot.reference.loop_latent_forward`) and the naive full recompute per pass, plus peak-memory ratios.
-All numbers are ratios measured in one run.
+All numbers are ratios measured in one run, every case built the same way (`--mode`: all compiled as training
+compiles, or all eager), each warmed up until nothing new compiles, then median and mean of `--steps` timed steps.
 
     python bench/latent_overhead.py                      # 2B-shaped Qwen3-VL (random weights), bf16, GPU
-    python bench/latent_overhead.py --preset tiny --device cpu --batch 4 --steps 3   # smoke run
+    python bench/latent_overhead.py --preset tiny --device cpu --batch 4 --steps 3   # smoke run (eager on a CPU)
     python bench/latent_overhead.py --check --profile    # + exactness on the device, + a profile of one step
 """
 import argparse
-import statistics
 import time
 import types
 
 import torch
 
 from ecot.backbone import QwenVLBackbone, build_qwen3vl, tiny_qwen3vl_config
+from ecot.build import compile_model
 from ecot.reference import compare_latent_to_reference, loop_latent_forward, reference_latent_forward
 from ecot.testing import ToyTokenizer, float64_rmsnorm, toy_batch
 from ecot.action_head import ActionHeadConfig
 from ecot.policy import ECoTPolicy, PolicyConfig
 from transformers import Qwen3VLForConditionalGeneration
+
+from timing import environment, stats, time_calls, warm_up
 
 PRESETS = {  # Qwen3-VL-2B shapes (random weights: nothing is downloaded)
     "2b": dict(vocab_size=151936, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
@@ -55,24 +58,35 @@ def make_batch(vlm, n: int, batch: int, tokens: int, image: int, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
-def time_step(policy, batch, steps: int, warmup: int, device):
+def time_step(policy, batch, steps: int, device, max_warmup: int = 6):
+    """Training steps (forward, backward, AdamW) on `batch`: warmed up until nothing new compiles, then `steps` timed.
+    Returns (median and mean seconds, peak memory of the timed steps, the forward's path)."""
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5,
                             fused=device.type == "cuda")
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
+    path = []
+
+    def step():
         out = policy(batch)
         out["total_loss"].backward()
         opt.step(); opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+        path[:] = [out["path"]]
+
+    warm_up(step, device, max_warmup)
+    if device.type == "cuda":
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+    times = time_calls(step, device, steps, max_warmup=0)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     del opt
-    return statistics.median(times), peak, out
+    return stats(times), peak, path[0]
+
+
+def set_mode(policy, mode: str, device) -> bool:
+    """Compile the policy as training does (`ecot.build.compile_model`: decoder layers, vision and DiT blocks, the
+    latent column step) or leave all of it eager, so that every step of a run, stage 0 and latent alike, is built the
+    same way. `auto`: compiled on CUDA."""
+    on = device.type == "cuda" if mode == "auto" else mode == "compiled"
+    compile_model(policy, on)
+    return on
 
 
 def check_exactness(policy, device, n: int):
@@ -130,13 +144,11 @@ def main():
     ap.add_argument("--tokens", type=int, default=350)
     ap.add_argument("--image", type=int, default=224)
     ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per case, after warm-up until nothing compiles")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive full-recompute reference")
     ap.add_argument("--no-loop", action="store_true", help="skip the Coconut-style loop (ecot.reference.loop_latent_forward)")
-    ap.add_argument("--eager", action="store_true", help="column passes without torch.compile (compile_columns=False)")
-    ap.add_argument("--compile-layers", action="store_true",
-                    help="also torch.compile every decoder layer and vision block (speeds up the stage-0 step too)")
+    ap.add_argument("--mode", choices=("auto", "compiled", "eager"), default="auto",
+                    help="every case compiled as training compiles it, or every case eager (auto: compiled on CUDA)")
     ap.add_argument("--check", action="store_true", help="first compare both KV paths with the reference on the device")
     ap.add_argument("--profile", action="store_true", help="profile one latent step at the largest n")
     a = ap.parse_args()
@@ -145,42 +157,45 @@ def main():
     policy, _ = build_policy(a.preset, device, dtype)
     policy.train()
     vlm = policy.backbone.vlm
-    policy.backbone.compile_columns = not a.eager
-    if a.compile_layers:
-        policy.backbone.compile_blocks()
+    compiled = set_mode(policy, a.mode, device)
+    print(environment(device), flush=True)
     if a.check:
         check_exactness(policy, device, max(a.n))
     rows = []
-    base_t, base_m, out = time_step(policy, make_batch(vlm, 0, a.batch, a.tokens, a.image, device), a.steps, a.warmup, device)
+    base_t, base_m, _ = time_step(policy, make_batch(vlm, 0, a.batch, a.tokens, a.image, device), a.steps, device)
     L = make_batch(vlm, 0, a.batch, a.tokens, a.image, device)["input_ids"].shape[1]
-    print(f"stage 0: {base_t * 1e3:.1f} ms/step, peak {base_m / 2**30:.2f} GiB, batch {a.batch} x {L} tokens "
-          f"({a.preset}, {dtype}, {device})", flush=True)
+    print(f"stage 0: median {base_t['median'] * 1e3:.1f} ms/step, mean {base_t['mean'] * 1e3:.1f} ({base_t['n']} steps), "
+          f"peak {base_m / 2**30:.2f} GiB, batch {a.batch} x {L} tokens ({a.preset}, {dtype}, "
+          f"{'compiled' if compiled else 'eager'})", flush=True)
+    ratio = lambda t: {k: t[k] / base_t[k] for k in ("median", "mean")}
     kv_forward = policy.backbone.forward
     for n in a.n:
         batch = make_batch(vlm, n, a.batch, a.tokens, a.image, device)
-        t, m, out = time_step(policy, batch, a.steps, a.warmup, device)
-        assert out["path"] == "latent", out["path"]
-        row = {"n": n, "latent": t / base_t, "latent_mem": m / base_m if base_m else float("nan")}
+        t, m, path = time_step(policy, batch, a.steps, device)
+        assert path == "latent", path
+        row = {"n": n, "latent": ratio(t), "latent_mem": m / base_m if base_m else float("nan")}
         if not a.no_loop:
             policy.backbone.forward = types.MethodType(loop_latent_forward, policy.backbone)
-            tl, ml, _ = time_step(policy, batch, a.steps, a.warmup, device)
+            tl, ml, _ = time_step(policy, batch, a.steps, device)
             policy.backbone.forward = kv_forward
-            row.update(loop=tl / base_t, loop_mem=ml / base_m if base_m else float("nan"))
+            row.update(loop=ratio(tl), loop_mem=ml / base_m if base_m else float("nan"))
         if not a.no_naive:
             policy.backbone.forward = types.MethodType(reference_latent_forward, policy.backbone)
-            tn, mn, _ = time_step(policy, batch, a.steps, a.warmup, device)
+            tn, mn, _ = time_step(policy, batch, a.steps, device)
             policy.backbone.forward = kv_forward
-            row.update(naive=tn / base_t, naive_mem=mn / base_m if base_m else float("nan"))
+            row.update(naive=ratio(tn), naive_mem=mn / base_m if base_m else float("nan"))
         rows.append(row)
         print(row, flush=True)
     if a.profile:
         profile_step(policy, make_batch(vlm, max(a.n), a.batch, a.tokens, a.image, device), device)
-    print("\nstep time and peak memory relative to the stage-0 step (same model, batch, sequence; one run)")
-    nan = float("nan")
-    print(f"{'n':>3} {'latent (KV cache)':>18} {'coconut loop':>13} {'naive recompute':>16} {'latent mem':>11} "
+    print(f"\nstep time (median / mean of {a.steps} steps) and peak memory relative to the stage-0 step: same model, "
+          f"batch and sequence, {'all compiled' if compiled else 'all eager'}, one run")
+    cell = lambda r, k: f"{r[k]['median']:.2f}x / {r[k]['mean']:.2f}x" if k in r else "-"
+    print(f"{'n':>3} {'latent (KV cache)':>18} {'coconut loop':>16} {'naive recompute':>16} {'latent mem':>11} "
           f"{'loop mem':>9} {'naive mem':>10}")
+    nan = float("nan")
     for r in rows:
-        print(f"{r['n']:>3} {r['latent']:>17.2f}x {r.get('loop', nan):>12.2f}x {r.get('naive', nan):>15.2f}x "
+        print(f"{r['n']:>3} {cell(r, 'latent'):>18} {cell(r, 'loop'):>16} {cell(r, 'naive'):>16} "
               f"{r['latent_mem']:>10.2f}x {r.get('loop_mem', nan):>8.2f}x {r.get('naive_mem', nan):>9.2f}x")
     print("targets: latent <= 1.3x at n = 8, peak memory <= 1.2x of stage 0")
 

@@ -1,19 +1,19 @@
 """Model FLOP utilisation of the stage-0 policy training step (VLM + action head + AdamW).
 
 FLOPs are counted by PyTorch's own `FlopCounterMode` over one forward + backward (no hand formulas); the
-step time is the median of timed steps; MFU is reported against the bf16 matrix-product rate measured in
+step time is the median of timed steps after warm-up until nothing new compiles (the mean is printed beside it); MFU is reported against the bf16 matrix-product rate measured in
 the same run (an 8192^3 product) and against the H200 datasheet figure (790 TFLOP/s dense bf16).
 
     python bench/step_mfu.py                     # 2B-shaped Qwen3-VL, batch 16, ~350 tokens, 224 px
 """
 import argparse
-import statistics
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from latent_overhead import build_policy, make_batch, profile_step, time_step
+from latent_overhead import build_policy, make_batch, profile_step, set_mode, time_step
+from timing import environment
 
 DATASHEET_TFLOPS = 790.0
 
@@ -36,10 +36,9 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=350)
     ap.add_argument("--image", type=int, default=224)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile-layers", action="store_true",
-                    help="torch.compile every text decoder layer and vision block (regional compilation)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps, after warm-up until nothing compiles")
+    ap.add_argument("--mode", choices=("compiled", "eager"), default="compiled",
+                    help="compiled as training compiles (decoder layers, vision and DiT blocks), or eager")
     ap.add_argument("--profile", action="store_true", help="profile one step: top kernels, launches, kernel vs wall time")
     a = ap.parse_args()
     device = torch.device("cuda")
@@ -55,14 +54,16 @@ def main():
     policy.zero_grad(set_to_none=True)
     vlm.set_attn_implementation("sdpa")
     flops = fc.get_total_flops()
-    if a.compile_layers:
-        policy.backbone.compile_blocks()
-    t, peak_mem, _ = time_step(policy, batch, a.steps, a.warmup, device)
+    set_mode(policy, a.mode, device)
+    print(environment(device), flush=True)
+    timed, peak_mem, _ = time_step(policy, batch, a.steps, device)
+    t = timed["median"]
     if a.profile:
         profile_step(policy, batch, device, rows=25)
     achieved = flops / t / 1e12
     ceiling = matmul_tflops(device)
-    print(f"stage-0 step: {t * 1e3:.1f} ms, {flops / 1e12:.2f} TFLOP counted (fwd+bwd), {achieved:.0f} TFLOP/s")
+    print(f"stage-0 step ({a.mode}): median {t * 1e3:.1f} ms, mean {timed['mean'] * 1e3:.1f} ms ({timed['n']} steps), "
+          f"{flops / 1e12:.2f} TFLOP counted (fwd+bwd), {achieved:.0f} TFLOP/s at the median")
     print(f"bf16 matmul measured in this run: {ceiling:.0f} TFLOP/s")
     print(f"MFU vs measured matmul rate: {achieved / ceiling:.1%};  vs datasheet {DATASHEET_TFLOPS:.0f}: "
           f"{achieved / DATASHEET_TFLOPS:.1%}  (target >= 45%)")
