@@ -92,3 +92,17 @@ def test_notebooks_are_valid_jupyter_notebooks():
     paths = sorted((ROOT / "nbs").glob("*.ipynb")) + sorted((ROOT / "papers").glob("*.ipynb"))
     for p in paths:
         nbformat.validate(nbformat.read(p, as_version=4))
+
+
+def test_latent_overhead_bench_runs_and_times_every_case_the_same_way():
+    "The GPU benchmark's code path on a CPU (tiny preset): ratios with median and mean, versions, the build mode named."
+    import sys
+    r = subprocess.run([sys.executable, "bench/latent_overhead.py", "--preset", "tiny", "--device", "cpu", "--batch", "2",
+                        "--steps", "2", "--n", "2", "--tokens", "100", "--image", "64", "--no-naive"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "torch " in r.stdout and "transformers " in r.stdout  # the software a figure was measured with
+    assert "all eager" in r.stdout  # auto on a CPU: stage 0 and the latent step built the same way
+    row = [l for l in r.stdout.splitlines() if l.strip().startswith("2 ") and "x /" in l]
+    assert len(row) == 1 and row[0].count("x /") == 2, r.stdout[-2000:]  # latent and loop: median / mean ratios
