@@ -310,3 +310,23 @@ def test_a_reasoning_json_that_matches_no_episode_fails_before_training(tmp_path
     # below the bar only when asked: the same file passes with the check off
     assert build_run(run_config("tiny", 0, [f"datasets.vla_data.ecot.reasoning_json={bad}",
                                             "datasets.vla_data.ecot.min_reasoning_coverage=0"])).policy is not None
+
+
+def test_a_checkpoint_in_the_format_before_state_dirs_resumes_as_a_straight_run(tmp_path):
+    """`model.safetensors`, `optimizer.pt` and `extras.pt` (checkpoints written before `state/`): a run resumed from one
+    continues exactly as the straight run."""
+    from safetensors.torch import save_model
+    straight = _trainer(tmp_path / "straight", 4)
+    hist = straight.train()
+    part = _trainer(tmp_path / "part", 4, save=2)
+    part.train(stop_at=2)
+    ckpt = checkpoints(tmp_path / "part/checkpoints")[-1]
+    shutil.rmtree(ckpt / "state")  # rewrite it in the old layout, from the trainer that wrote it
+    save_model(part.acc.unwrap_model(part.model), str(ckpt / "model.safetensors"))
+    torch.save(part.optimizer.state_dict(), ckpt / "optimizer.pt")
+    (ckpt / "extras_0.pt").rename(ckpt / "extras.pt")
+    resumed = _trainer(tmp_path / "part", 4, save=2)
+    rest = resumed.train(resume="latest")
+    assert [r["step"] for r in rest] == [3, 4]
+    assert [r["total_loss"] for r in rest] == [r["total_loss"] for r in hist[2:]]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), straight.model.parameters()))
