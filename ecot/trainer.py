@@ -25,6 +25,7 @@ import torch
 import yaml
 import tempfile
 
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
 from accelerate.utils import DistributedType, gather_object
@@ -382,7 +383,11 @@ class Trainer:
         self.epoch_batches = 0  # batches consumed in the current epoch: with `epoch`, the data cursor
         self._batches_at_step = (0, 0, 0)
         self.stage, self.interrupted, self.wandb_id = self.stage_fn(0), False, None
-        self.save_seconds: Optional[float] = None  # the last checkpoint's save time, until a record logs it
+        self.save_seconds: Optional[float] = None  # the last checkpoint's blocking time, until a record logs it
+        self.write_seconds: Optional[float] = None  # its time until it counted (written in the background)
+        self._saving = None  # the checkpoint being written: (future, temporary dir, final dir, start)
+        # the background writes talk over a group of their own (gloo: CPU tensors), never the training's
+        self._checkpoint_group = dist.new_group(backend="gloo") if self.acc.num_processes > 1 else None
         self.history: list[dict] = []  # training records, one per logging step
         self.evaluations: list[dict] = []  # held-out records (`evaluator`)
 
@@ -400,9 +405,12 @@ def state(self: Trainer) -> dict:
 
 
 @patch
-def save_checkpoint(self: Trainer) -> Path:
-    """Write a complete checkpoint for the current step (temporary directory, completion marker last, fsync,
-    rename, then `latest`); keep the last K. Refuses non-finite weights: a NaN never becomes a checkpoint."""
+def save_checkpoint(self: Trainer, wait: bool = True) -> Path:
+    """Write a checkpoint of the current step into a temporary directory; keep the last K. Refuses non-finite weights:
+    a NaN never becomes a checkpoint. The weights and optimizer state are copied to CPU memory, then written in the
+    background (`torch.distributed.checkpoint.async_save`) while training goes on; the checkpoint counts once
+    `finish_checkpoint` has marked it complete (`wait`: now; else when the write is done, or at the next save)."""
+    self.finish_checkpoint()  # one save in flight at a time
     bad = self.nonfinite_weights()
     if bad:
         raise NonFiniteWeightsError(f"step {self.step}: non-finite weights in {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
@@ -415,7 +423,9 @@ def save_checkpoint(self: Trainer) -> Path:
         tmp.mkdir(parents=True)
     self.acc.wait_for_everyone()
     t0 = time.perf_counter()
-    dcp.save(self.tensor_state(), checkpoint_id=tmp / "state", no_dist=self.acc.num_processes == 1)  # each rank its part
+    # each rank its part, copied to CPU memory before this returns; written by a thread that talks over its own group
+    written = dcp.async_save(self.tensor_state(), checkpoint_id=tmp / "state", process_group=self._checkpoint_group,
+                             no_dist=self.acc.num_processes == 1)
     torch.save(rng_state(), tmp / f"rng_{rank}.pt")
     torch.save(self.extras_state(), tmp / f"extras_{rank}.pt")  # per rank: the EOS buffer holds this rank's frames
     if self.acc.is_main_process:
@@ -425,20 +435,37 @@ def save_checkpoint(self: Trainer) -> Path:
             write_json(self.stats, tmp / "dataset_statistics.json")
         write_json(self.state(), tmp / STATE_FILE)
     self.acc.wait_for_everyone()
-    self.save_seconds = time.perf_counter() - t0  # logged with the next record: what a checkpoint costs
-    if self.acc.is_main_process:
-        fsync_tree(tmp)
-        write_atomic(f"step {self.step}\n", tmp / COMPLETE)  # last: the checkpoint is whole
-        if final.exists():  # the same step saved again (a stop, then the end of the run)
-            delete_checkpoint(final)
-        os.replace(tmp, final)
-        fsync_tree(self.ckpt_root, recursive=False)
-        write_atomic(final.name + "\n", self.ckpt_root / "latest")
-        for old in checkpoints(self.ckpt_root)[:-self.cfg.trainer.keep_last_checkpoints]:
-            if old != final:
-                delete_checkpoint(old)
-    self.acc.wait_for_everyone()
+    self.save_seconds = time.perf_counter() - t0  # logged with the next record: how long training stopped for it
+    self._saving = (written, tmp, final, t0)
+    if wait:
+        self.finish_checkpoint()
     return final
+
+
+@patch
+def finish_checkpoint(self: Trainer, block: bool = True):
+    """Complete the checkpoint being written, if any: wait for this rank's part (a failed write raises here), then the
+    main process fsyncs it, writes the completion marker last, renames it into place, points `latest` at it and deletes
+    all but the last K. The main process's write ends only after every rank's (it writes the metadata of all of them),
+    so no rank waits for another here. `block=False`: only if the write is already done."""
+    if self._saving is None or not (block or self._saving[0].done()):
+        return
+    written, tmp, final, t0 = self._saving
+    self._saving = None
+    written.result()
+    if not self.acc.is_main_process:
+        return
+    fsync_tree(tmp)
+    write_atomic(f"step {int(final.name.removeprefix('step_'))}\n", tmp / COMPLETE)  # last: the checkpoint is whole
+    if final.exists():  # the same step saved again (a stop, then the end of the run)
+        delete_checkpoint(final)
+    os.replace(tmp, final)
+    fsync_tree(self.ckpt_root, recursive=False)
+    write_atomic(final.name + "\n", self.ckpt_root / "latest")
+    for old in checkpoints(self.ckpt_root)[:-self.cfg.trainer.keep_last_checkpoints]:
+        if old != final:
+            delete_checkpoint(old)
+    self.write_seconds = time.perf_counter() - t0  # from the save's start to the checkpoint counting
 
 
 @patch
@@ -800,8 +827,8 @@ def _log(self: Trainer, outs: list[dict], own: dict, logger):
 def _reduce(self: Trainer) -> dict:
     """The window's record (`MetricsWindow.reduce`): means across ranks, `*_count` metrics summed (the model's
     `derived_metrics(record)`, if it has one, turns them into rates), throughput over all ranks, the wall time
-    since training began (`wall_s`), the graphs compiled so far (`compiled_graphs`) and the last checkpoint's save
-    time (`checkpoint_s`) and, on a GPU, the peak memory so far (`peak_memory_gib`)."""
+    since training began (`wall_s`), the graphs compiled so far (`compiled_graphs`) and the last checkpoint's blocking
+    time and its time until it counted (`checkpoint_s`, `checkpoint_write_s`) and, on a GPU, the peak memory so far (`peak_memory_gib`)."""
     acc = self.acc
     reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
     rec = self._window.reduce({"step": self.step, "stage": self.stage, "epoch": self.epoch}, acc.device, reduce_sum,
@@ -815,6 +842,8 @@ def _reduce(self: Trainer) -> dict:
         rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
     if self.save_seconds is not None:  # a checkpoint was saved since the last record: how long every rank waited
         rec["checkpoint_s"], self.save_seconds = self.save_seconds, None
+    if self.write_seconds is not None:  # and one completed: how long until it counted
+        rec["checkpoint_write_s"], self.write_seconds = self.write_seconds, None
     return rec
 
 # %% ../nbs/23_trainer.ipynb #3b7ae9d7
@@ -825,7 +854,8 @@ def _evaluate_and_save(self: Trainer, logger):
     if self.evaluator is not None and (self.step % t.eval_interval == 0 or self.step == t.max_train_steps):
         self._evaluate(logger)
     if self.step % t.save_interval == 0 and self.step < t.max_train_steps:
-        self.save_checkpoint()
+        self.save_checkpoint(wait=False)  # written in the background; completed below once written
+    self.finish_checkpoint(block=False)
 
 
 @patch
