@@ -16,6 +16,7 @@ import signal
 import queue
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -388,6 +389,8 @@ class Trainer:
         self._saving = None  # the checkpoint being written: (future, temporary dir, final dir, start)
         # the background writes talk over a group of their own (gloo: CPU tensors), never the training's
         self._checkpoint_group = dist.new_group(backend="gloo") if self.acc.num_processes > 1 else None
+        if self.acc.num_processes == 1:  # one process writes its checkpoints alone, as meant: no warning at every save
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         self.history: list[dict] = []  # training records, one per logging step
         self.evaluations: list[dict] = []  # held-out records (`evaluator`)
 
@@ -424,8 +427,7 @@ def save_checkpoint(self: Trainer, wait: bool = True) -> Path:
     self.acc.wait_for_everyone()
     t0 = time.perf_counter()
     # each rank its part, copied to CPU memory before this returns; written by a thread that talks over its own group
-    written = dcp.async_save(self.tensor_state(), checkpoint_id=tmp / "state", process_group=self._checkpoint_group,
-                             no_dist=self.acc.num_processes == 1)
+    written = dcp.async_save(self.tensor_state(), checkpoint_id=tmp / "state", process_group=self._checkpoint_group)
     torch.save(rng_state(), tmp / f"rng_{rank}.pt")
     torch.save(self.extras_state(), tmp / f"extras_{rank}.pt")  # per rank: the EOS buffer holds this rank's frames
     if self.acc.is_main_process:
