@@ -129,7 +129,8 @@ def main():
                     results[mode, name] += time_calls(calls[name], device, 1, max_warmup=0)
         for name, *_ in cases:
             t = results[mode, name]
-            med, mean = stats(t)["median"], stats(t)["mean"]
+            s = stats(t)
+            med, mean = s["median"], s["mean"]
             print(f"[{mode:6s}] {name:42s} median {med * 1e3:8.1f} ms  mean {mean * 1e3:8.1f} ms  "
                   f"{1 / med:6.2f} Hz  ({columns[name]} generated columns, total of {len(t)} calls "
                   f"{sum(t):.2f} s)", flush=True)

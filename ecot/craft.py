@@ -256,7 +256,6 @@ class CRaFTHook(TrainerHook):
             model.craft_features = self.features.forward
             register_fsdp_forward_method(model, "craft_features")
             self.features = model.craft_features
-            self.syncs_gradients = False  # FSDP averages each backward's gradient shards itself
         self.theta0 = FrozenReference(model)
         if c.measure_only:
             return

@@ -49,7 +49,7 @@ class Run:
 
     def trainer(self, run_dir: str | os.PathLike, progress: bool = True, extras: Optional[dict] = None) -> Trainer:
         """The run's Trainer, with the hooks the config asks for (`build_hooks`) and `extras` saved in its checkpoints.
-        Under FSDP it refuses what still needs whole weights on every rank."""
+        Under FSDP the latent columns are routed through each decoder layer's FSDP2 hooks."""
         t = Trainer(self.cfg, self.policy, lambda: iter(self.loader), self.collator, run_dir,
                     stage_fn=stage_fn(self.cfg), dataset_statistics=plain_statistics(self.dataset.statistics),
                     extras=extras, evaluator=self.evaluate if self.heldout else None,
