@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -29,11 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def launch(nproc: int, run_dir: Path, a) -> None:
     "One training run on `nproc` processes; this file is the per-process program (`--worker`)."
     train = ["--config", a.config, "--stage", str(a.stage), "--max-steps", str(a.steps), "--run-dir", str(run_dir),
-             "--wandb-mode", "disabled", "--override", f"trainer.logging_frequency={a.log_every}"]
+             "--wandb-mode", "disabled", "--override", f"trainer.logging_frequency={a.log_every}",
+             "--override", "trainer.save_at_end=false"]  # a 2B run's last checkpoint is ~31 GB: nothing to time
     for o in a.override:
         train += ["--override", o]
     if a.batch_size:
         train += ["--batch-size", str(a.batch_size)]
+    if a.profile:
+        train += ["--profile", str(a.profile)]
     if torch.cuda.is_available():
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "configs" / "accelerate" / f"{a.layout}.yaml"), "--num_processes", str(nproc)]
@@ -69,10 +73,50 @@ def summary(run_dir: Path, skip: int) -> dict:
             "peak_memory_gib": max((r.get("peak_memory_gib", float("nan")) for r in span), default=float("nan"))}
 
 
+def profile_steps(first: int, count: int = 3) -> None:
+    """Profile optimizer steps `first` .. `first + count - 1` of rank 0 (torch.profiler, CPU and CUDA) and write, beside
+    its metrics, `profile.txt`: where the GPU time went (compute, communication) against the wall time of the steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from ecot.trainer import Trainer
+    inner, prof = Trainer._accumulate, {}
+
+    def _accumulate(self, prefetch):  # called once per optimizer step, before the step counter moves
+        if self.acc.is_main_process and self.step in (first, first + count):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if self.step == first:
+                prof["p"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                prof["p"].__enter__()
+                prof["t0"] = time.perf_counter()
+            elif "p" in prof:
+                wall, p = time.perf_counter() - prof.pop("t0"), prof.pop("p")
+                p.__exit__(None, None, None)
+                events = p.key_averages()
+                kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # not the ops that launched them
+                gpu = lambda e: e.self_device_time_total / 1e3 / count  # ms per step
+                comm = sum(gpu(e) for e in kernels if "nccl" in e.key.lower())
+                total = sum(gpu(e) for e in kernels)
+                text = (f"rank 0 of {self.acc.num_processes}, steps {first + 1}-{first + count}: wall {1e3 * wall / count:.1f} "
+                        f"ms per step; GPU busy {total:.1f} ms per step, of which communication {comm:.1f} ms "
+                        f"(kernels of concurrent streams add up)\n\n"
+                        + events.table(sort_by="self_device_time_total", row_limit=25) + "\n"
+                        + events.table(sort_by="cpu_time_total", row_limit=15))
+                (self.run_dir / "profile.txt").write_text(text)
+        return inner(self, prefetch)
+
+    Trainer._accumulate = _accumulate
+
+
 def main():
     if "--worker" in sys.argv:
         from ecot.run import main as train
-        train([x for x in sys.argv[1:] if x != "--worker"])
+        argv = [x for x in sys.argv[1:] if x != "--worker"]
+        if "--profile" in argv:
+            i = argv.index("--profile")
+            profile_steps(int(argv[i + 1]))
+            del argv[i:i + 2]
+        train(argv)
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="qwen3vl2b_random")
@@ -83,6 +127,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=None, help="per-process batch (default: the config's)")
     ap.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--layout", choices=("ddp", "fsdp"), default="ddp", help="data parallel (DDP) or sharded (FSDP2)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEP",
+                    help="profile 3 steps from this one on rank 0 (keep it before --skip); writes profile.txt, printed")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     ap.add_argument("--reuse", action="store_true", help="read runs already in --out instead of running them again")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -95,6 +141,8 @@ def main():
             if not (a.reuse and (out / f"nproc{n}" / "metrics.jsonl").exists()):
                 launch(n, out / f"nproc{n}", a)
             res[n] = summary(out / f"nproc{n}", a.skip)
+            if a.profile:
+                print((out / f"nproc{n}" / "profile.txt").read_text(), flush=True)
             print(f"{n} process(es): {json.dumps(res[n])}", flush=True)
     base = res[min(res)]
     print(f"\n{'processes':>9} {'samples/s (span)':>17} {'windows: median, range':>24} {'recompiles':>10} "

@@ -255,7 +255,18 @@ class QwenVLBackbone(nn.Module):
         on the second length and again on every new batch size; a batch without padding, where transformers
         passes no mask, takes a second graph). Passes on a KV cache (the latent path's prefix and final passes)
         stay eager: transformers' cache update is keyed by the layer index, which would compile one graph per
-        layer."""
+        layer.
+
+        Under DDP, dynamo's DDP optimizer would cut each layer's graph at the gradient-bucket boundaries, so that
+        buckets can be reduced during the backward pass. With one graph per layer, DDP's own hooks already reduce
+        each bucket as its layer's backward ends; the cuts only break fusion (a 2B step 8% slower, bench/README.md).
+        And inductor's mix-order reduction fusion (the norms' backward) checks the batch's token count against size
+        thresholds; each check is a guard, so a batch that crosses one recompiled every layer in the middle of a 2B
+        run (a 20 s stall); its non-strict mode skips those checks."""
+        import torch._inductor.config as inductor
+        torch._dynamo.config.optimize_ddp = False
+        if hasattr(inductor.triton, "mix_order_reduction_non_strict_mode"):  # absent from older torch
+            inductor.triton.mix_order_reduction_non_strict_mode = True
         for block in self.language_model.layers:
             block.compile(dynamic=True)
 

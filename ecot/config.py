@@ -195,6 +195,11 @@ class TrainerConfig(Section):
     gradient_clipping: float = Field(1.0, gt=0)
     logging_frequency: int = Field(10, ge=1)
     save_interval: int = Field(1000, ge=1)
+    # the end-of-run checkpoint and <run_dir>/policy (false: a throwaway run, e.g. a benchmark; a stop still saves)
+    save_at_end: bool = True
+    # DDP's gradient buckets: each is all-reduced as soon as its gradients are ready, overlapping the backward pass.
+    # Larger than torch's 25 MB: a 2B decoder layer holds ~200 MB of gradients (measured in bench/README.md)
+    ddp_bucket_cap_mb: float = Field(100.0, gt=0)
     eval_interval: int = Field(1000, ge=1)  # held-out evaluation every this many steps, and at the end
     eval_samples: int = Field(64, ge=0)  # held-out frames evaluated (0: no evaluation)
     eval_frame_stride: int = Field(4, ge=1)  # every this-many-th frame of the validation split (spread over episodes)

@@ -110,8 +110,8 @@ def build_run(cfg: Config) -> Run:
 
 def save_policy(run: Run, trainer: Trainer) -> Optional[Path]:
     """`<run_dir>/policy/` (written atomically by the main process) at the stage the run ended at, once training
-    reached `max_train_steps`; None for a run that stopped early (resume it to finish)."""
-    if trainer.interrupted or trainer.step < run.cfg.trainer.max_train_steps:
+    reached `max_train_steps`; None for a run that stopped early (resume it to finish) or with `save_at_end` off."""
+    if trainer.interrupted or trainer.step < run.cfg.trainer.max_train_steps or not run.cfg.trainer.save_at_end:
         return None
     path = trainer.run_dir / "policy"
     whole = None
