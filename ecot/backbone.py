@@ -120,6 +120,13 @@ def build_qwen3vl(base_vlm: str = TINY_VLM, tokenizer=None, attn_implementation:
             raise ValueError(f"vocab_size = {tiny_kwargs['vocab_size']} is smaller than the tokenizer "
                              f"({ids['vocab_size']} tokens)")
         cfg = tiny_qwen3vl_config(**{**ids, **tiny_kwargs})
+        image_processor = getattr(tokenizer, "image_processor", None)  # a processor: its patches must be the tower's
+        for key in ("patch_size", "spatial_merge_size", "temporal_patch_size") if image_processor is not None else ():
+            want = getattr(image_processor, "merge_size" if key == "spatial_merge_size" else key)
+            if getattr(cfg.vision_config, key) != want:
+                raise ValueError(f"framework.qwenvl.tiny_shape.{key} = {getattr(cfg.vision_config, key)}: expected "
+                                 f"{want}, the processor's; for more or fewer image tokens change the image size "
+                                 f"(datasets.vla_data.image_size)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             vlm = Qwen3VLForConditionalGeneration._from_config(cfg, attn_implementation=attn)
