@@ -7,7 +7,8 @@ optimizer steps in this process, then measures on every frame of the VALIDATION 
 
   * the flow-matching action loss with fixed noise and times (the same draws for every variant), with the
     gold reasoning as the training forward sees it (teacher forcing), for the frames as they are and with
-    the images / instructions / reasoning shuffled across frames;
+    the images / instructions / reasoning shuffled across frames; beside it the VLM's teacher-forced loss on the
+    reasoning text, which shows whether the VLM reads the image to write its reasoning;
   * the MSE of the inference path (`policy.act_on`, what `predict_action` runs: the policy decodes its own
     reasoning, then acts) against the true normalised action chunk, for the frames as they are and with images /
     instructions shuffled: of the sampled chunk (what the robot executes) and of the policy's expected chunk (one
@@ -164,8 +165,10 @@ def permuted(samples, key, seed):
 
 
 @torch.no_grad()
-def flow_loss(policy, collator, samples, draws=4, seed=1234, batch_size=32):
-    "Flow-matching action loss with fixed noise/times per (frame, draw); masked mean over valid steps."
+def teacher_forced(policy, collator, samples, draws=4, seed=1234, batch_size=32):
+    """Teacher-forced losses: the flow-matching action loss with fixed noise/times per (frame, draw), masked mean over
+    valid steps; and the VLM's loss on the reasoning text (None without text), frame-weighted. The second tells
+    whether the VLM reads the image to write its reasoning: compare it with the images shuffled."""
     policy.eval()
     g = torch.Generator().manual_seed(seed)
     head = policy.action_head
@@ -176,11 +179,13 @@ def flow_loss(policy, collator, samples, draws=4, seed=1234, batch_size=32):
         torch.manual_seed(seed)
         u = beta.sample((n, draws))
     tt = (head.noise_s - u) / head.noise_s
-    tot, cnt = 0.0, 0.0
+    tot, cnt, text, frames = 0.0, 0.0, 0.0, 0
     for i in range(0, n, batch_size):
         batch = collator(samples[i:i + batch_size])
         batch = policy._to_device(batch)
-        vlm = policy.run_backbone(batch, with_labels=False)
+        vlm = policy.run_backbone(batch, with_labels=True)
+        if vlm.vlm_loss is not None:
+            text += float(vlm.vlm_loss) * len(samples[i:i + batch_size]); frames += len(samples[i:i + batch_size])
         A = batch["actions"].float()
         M = batch["action_mask"].float()
         for d in range(draws):
@@ -189,7 +194,7 @@ def flow_loss(policy, collator, samples, draws=4, seed=1234, batch_size=32):
             v = head.velocity(x_t, t, vlm.hidden_states, batch["attention_mask"], batch.get("states"))
             per = (v.float() - (A - nz)).pow(2).mean(-1)
             tot += float((per * M).sum()); cnt += float(M.sum())
-    return tot / cnt
+    return tot / cnt, (text / frames if frames else None)
 
 
 @torch.no_grad()
@@ -299,8 +304,9 @@ def main(argv=None):
         variants = {"gold": val, "images_shuffled": permuted(val, "image", 1),
                     "instruction_shuffled": permuted(val, "lang", 2), "reasoning_shuffled": permuted(val, "reasoning", 3)}
         for name, smp in variants.items():
-            res[f"flow_{name}"] = flow_loss(policy, collator, smp)
-            log(f"  flow loss {name:24s} {res[f'flow_{name}']:.4f}")
+            res[f"flow_{name}"], res[f"vlm_{name}"] = teacher_forced(policy, collator, smp)
+            text = "" if res[f"vlm_{name}"] is None else f"   VLM loss on the reasoning {res[f'vlm_{name}']:.4f}"
+            log(f"  flow loss {name:24s} {res[f'flow_{name}']:.4f}{text}")
         if not a.no_predict:
             for name in ("gold", "images_shuffled", "instruction_shuffled"):
                 t3 = time.time()
