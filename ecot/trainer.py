@@ -150,6 +150,8 @@ def clear_run_dir(run_dir):
 SAFE_ON_RESUME = {
     "trainer.logging_frequency": "metrics are logged at the new frequency",
     "trainer.save_interval": "checkpoints are saved at the new interval",
+    "trainer.save_at_end": "the end-of-run checkpoint and policy follow the new setting",
+    "trainer.ddp_bucket_cap_mb": "gradients are all-reduced in buckets of the new size",
     "trainer.eval_interval": "evaluation runs at the new interval",
     "trainer.keep_last_checkpoints": "that many checkpoints are kept from now on",
     "trainer.max_consecutive_nonfinite": "the run stops after that many non-finite steps in a row",
