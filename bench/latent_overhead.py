@@ -129,6 +129,8 @@ def profile_step(policy, batch, device, rows: int = 14):
     ka = prof.key_averages()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(ka.table(sort_by=sort, row_limit=rows, max_name_column_width=60))
+    if device.type == "cuda":  # where the host's time goes: a step bound by launches and Python shows it here
+        print(ka.table(sort_by="cpu_time_total", row_limit=rows, max_name_column_width=60))
     if device.type == "cuda":
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy = sum(e.device_time for e in kernels) / 1e3
