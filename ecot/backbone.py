@@ -23,14 +23,14 @@ from fastcore.basics import patch
 from torch import nn
 from torch.distributed.fsdp import register_fsdp_forward_method
 from transformers import DynamicCache, Qwen3VLConfig, Qwen3VLForConditionalGeneration
-from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb
+from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
 
 from .config import TINY_VLM  # the `framework.qwenvl.base_vlm` value of the tiny preset
 
 # %% auto #0
 __all__ = ['VISION_TOKENS', 'vlm_token_ids', 'mrope_section_for', 'tiny_qwen3vl_config', 'resolve_attn_implementation',
            'build_qwen3vl', 'resize_for_tokenizer', 'BackboneOutput', 'causal_lm_loss', 'column_layer', 'column_stack',
-           'compiled_column_step', 'QwenVLBackbone', 'layer_column']
+           'compiled_column_step', 'frames_attention', 'QwenVLBackbone', 'layer_column']
 
 # %% ../nbs/14_backbone.ipynb #543c5e51
 VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -237,6 +237,23 @@ def compiled_column_step():
         _COMPILED_COLUMN_LAYER = torch.compile(column_layer, fullgraph=True, dynamic=True)
     return partial(column_stack, layer_fn=_COMPILED_COLUMN_LAYER)
 
+# %% ../nbs/14_backbone.ipynb #3adc7293
+def frames_attention(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
+    """`Qwen3VLVisionAttention.forward` with every frame in one SDPA call (the frames as its batch) when the frames are
+    all `max_seqlen` patches long; otherwise, or outside SDPA, transformers' own forward."""
+    L, n = hidden_states.shape[0], cu_seqlens.shape[0] - 1
+    if max_seqlen is None or max_seqlen * n != L or self.config._attn_implementation != "sdpa":
+        return type(self).forward(self, hidden_states, cu_seqlens, position_embeddings=position_embeddings,
+                                  max_seqlen=max_seqlen, **kwargs)
+    # (every frame at most max_seqlen long and n of them summing to L: all are max_seqlen long)
+    q, k, v = self.qkv(hidden_states).reshape(L, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+    q, k, v = (t.reshape(n, max_seqlen, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # (frames, heads, len, D)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0,
+                                       scale=self.scaling)
+    return self.proj(o.transpose(1, 2).reshape(L, -1))
+
+
 # %% ../nbs/14_backbone.ipynb #4fe78794
 class QwenVLBackbone(nn.Module):
     "Qwen3-VL with a one-pass forward (stage 0) and the exact KV-cache latent forward (stage >= 1)."
@@ -250,12 +267,15 @@ class QwenVLBackbone(nn.Module):
         # the column passes through torch.compile: None = on CUDA only, True = always, False = never
         self.compile_columns: Optional[bool] = None
         self.columns_sharded = False  # columns through each layer's FSDP2 hooks (`shard_columns`)
+        for block in vlm.model.visual.blocks:  # all frames in one attention call (`frames_attention`)
+            block.attn.forward = MethodType(frames_attention, block.attn)
 
     @property
     def language_model(self) -> nn.Module: return self.vlm.model.language_model
 
     def compile_blocks(self):
-        """`torch.compile` every text decoder layer in place for cache-free passes (the stage-0 forward).
+        """`torch.compile` every text decoder layer in place for cache-free passes (the stage-0 forward), and every
+        vision block.
 
         Regional compilation: one small graph reused by every layer (parameters are graph inputs), with dynamic
         shapes from the start, so new sequence lengths and batch sizes reuse it (a static first graph recompiles
@@ -274,7 +294,7 @@ class QwenVLBackbone(nn.Module):
         torch._dynamo.config.optimize_ddp = False
         if hasattr(inductor.triton, "mix_order_reduction_non_strict_mode"):  # absent from older torch
             inductor.triton.mix_order_reduction_non_strict_mode = True
-        for block in self.language_model.layers:
+        for block in [*self.language_model.layers, *self.vlm.model.visual.blocks]:
             block.compile(dynamic=True)
 
     @property
@@ -306,7 +326,9 @@ def embed(self: QwenVLBackbone, input_ids, pixel_values=None, image_grid_thw=Non
     embeds = model.get_input_embeddings()(input_ids)
     if pixel_values is None:
         return embeds, None, None
-    img = model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    # the longest frame, read to the host once a forward: all frames of one size attend in one call (frames_attention)
+    longest = int((image_grid_thw[:, 1] * image_grid_thw[:, 2]).max())
+    img = model.get_image_features(pixel_values, image_grid_thw, max_seqlen=longest, return_dict=True)
     feats = torch.cat(img.pooler_output, dim=0).to(embeds.device, embeds.dtype)
     image_mask, _ = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=feats)
     embeds = embeds.masked_scatter(image_mask, feats)
