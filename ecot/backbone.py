@@ -237,7 +237,7 @@ def compiled_column_step():
         _COMPILED_COLUMN_LAYER = torch.compile(column_layer, fullgraph=True, dynamic=True)
     return partial(column_stack, layer_fn=_COMPILED_COLUMN_LAYER)
 
-# %% ../nbs/14_backbone.ipynb #3adc7293
+# %% ../nbs/14_backbone.ipynb #d0bb741b
 def frames_attention(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
     """`Qwen3VLVisionAttention.forward` with every frame in one SDPA call (the frames as its batch) when the frames are
     all `max_seqlen` patches long; otherwise, or outside SDPA, transformers' own forward."""
