@@ -93,9 +93,11 @@ def profile_steps(first: int, count: int = 3) -> None:
                 wall, p = time.perf_counter() - prof.pop("t0"), prof.pop("p")
                 p.__exit__(None, None, None)
                 events = p.key_averages()
-                kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # not the ops that launched them
+                # kernels only: not the ops that launched them, nor ranges on the GPU's timeline (DDP's forward,
+                # the optimizer step, NCCL's own record), which would count their kernels again
+                kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
                 gpu = lambda e: e.self_device_time_total / 1e3 / count  # ms per step
-                comm = sum(gpu(e) for e in kernels if "nccl" in e.key.lower())
+                comm = sum(gpu(e) for e in kernels if e.key.startswith("ncclDevKernel"))
                 total = sum(gpu(e) for e in kernels)
                 text = (f"rank 0 of {self.acc.num_processes}, steps {first + 1}-{first + count}: wall {1e3 * wall / count:.1f} "
                         f"ms per step; GPU busy {total:.1f} ms per step, of which communication {comm:.1f} ms "

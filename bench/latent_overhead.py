@@ -132,7 +132,8 @@ def profile_step(policy, batch, device, rows: int = 14):
     if device.type == "cuda":  # where the host's time goes: a step bound by launches and Python shows it here
         print(ka.table(sort_by="cpu_time_total", row_limit=rows, max_name_column_width=60))
     if device.type == "cuda":
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = [e for e in prof.events()  # kernels, not ranges on the GPU's timeline (which repeat their time)
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
         busy = sum(e.device_time for e in kernels) / 1e3
         print(f"{len(kernels)} kernels, {busy:.1f} ms of kernel time in the profiled forward + backward "
               f"({wall:.1f} ms wall under the profiler)", flush=True)
