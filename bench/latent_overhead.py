@@ -131,7 +131,6 @@ def profile_step(policy, batch, device, rows: int = 14):
     print(ka.table(sort_by=sort, row_limit=rows, max_name_column_width=60))
     if device.type == "cuda":  # where the host's time goes: a step bound by launches and Python shows it here
         print(ka.table(sort_by="cpu_time_total", row_limit=rows, max_name_column_width=60))
-    if device.type == "cuda":
         kernels = [e for e in prof.events()  # kernels, not ranges on the GPU's timeline (which repeat their time)
                    if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
         busy = sum(e.device_time for e in kernels) / 1e3
