@@ -382,6 +382,9 @@ class Trainer:
                                             bucket_cap_mb=cfg.trainer.ddp_bucket_cap_mb,
                                             comm_hook=DDPCommunicationHookType(cfg.trainer.ddp_comm_hook))
         self.acc = accelerator or make_accelerator(mp, [ddp])
+        if cfg.trainer.ddp_comm_hook == "bf16" and self.acc.distributed_type == DistributedType.MULTI_CPU:
+            raise ValueError("trainer.ddp_comm_hook = 'bf16' needs GPUs (NCCL): processes on CPUs all-reduce through "
+                             "gloo, which has no bfloat16 sum; set it to 'no'")
         # together: FSDP2 shards the parameters in place, and the optimizer must hold the sharded ones
         self.model, self.optimizer = self.acc.prepare(model, make_optimizer(model, cfg, self.acc.device))
         self.sharded = is_sharded(self.model)
