@@ -201,7 +201,7 @@ class TrainerConfig(Section):
     # Larger than torch's 25 MB: a 2B decoder layer holds ~200 MB of gradients (measured in bench/README.md)
     ddp_bucket_cap_mb: float = Field(100.0, gt=0)
     # DDP's gradient all-reduce in bfloat16 ("bf16": half the bytes of float32 gradients, averaged in bf16, then cast
-    # back; 2-GPU 2B training 11% faster, bench/README.md) or as is ("no"). GPUs (NCCL) only
+    # back; 2-GPU 2B training 11% faster, bench/README.md) or as is ("no"). GPUs only (refused on CPUs)
     ddp_comm_hook: Literal["no", "bf16"] = "no"
     eval_interval: int = Field(1000, ge=1)  # held-out evaluation every this many steps, and at the end
     eval_samples: int = Field(64, ge=0)  # held-out frames evaluated (0: no evaluation)
