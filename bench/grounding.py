@@ -39,18 +39,6 @@ def where_sentences(samples, specs):
     return out
 
 
-@torch.no_grad()
-def text_loss(policy, collator, samples, batch_size=50):
-    "Teacher-forced VLM loss per token, frame-weighted over `samples`."
-    policy.eval()
-    total = 0.0
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        total += float(policy.run_backbone(policy._to_device(collator(chunk)), True).vlm_loss) * len(chunk)
-    policy.train()
-    return total / len(samples)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-train", type=int, default=1000, help="training episodes (scenes) of the embedded world")
@@ -87,7 +75,8 @@ def main(argv=None):
         opt.step()
         opt.zero_grad()
         if step % a.every == 0:
-            own, other = text_loss(policy, collator, val), text_loss(policy, collator, shuffled)
+            own, other = wl.text_loss(policy, collator, val, 50), wl.text_loss(policy, collator, shuffled, 50)
+            policy.train()
             print(f"step {step} ({time.time() - t0:.0f}s): train {loss.item():.4f}; held-out {own:.4f} with its images, "
                   f"{other:.4f} with images shuffled (ratio {own / other:.2f})", flush=True)
 

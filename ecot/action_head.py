@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbone import region_compile_options
+
 # %% auto #0
 __all__ = ['sinusoidal_embedding', 'TimestepEmbedder', 'modulate', 'DiTBlock', 'ActionHeadConfig', 'FlowMatchingActionHead']
 
@@ -135,7 +137,7 @@ class FlowMatchingActionHead(nn.Module):
         dynamic shapes, so training batches and the inference columns share it. Fuses the element-wise work
         (norms, adaLN modulation, gates, GELU) that otherwise dominates a batch-1 denoising step."""
         for block in self.blocks:
-            block.compile(dynamic=True)
+            block.compile(dynamic=True, options=region_compile_options())
 
     def sample_time(self, n: int, device=None) -> torch.Tensor:
         "t = (s − u)/s, u ~ Beta(alpha, beta) (GR00T); uses the global torch RNG."
