@@ -312,15 +312,15 @@ def main(argv=None):
         log(f"trained {a.steps} steps in {res['train_s']:.0f}s: action loss {hist[0]['action_loss']:.3f} -> "
             f"{hist[-1]['action_loss']:.3f}")
         policy, collator = run.policy, run.collator
-        variants = {"gold": val, "images_shuffled": permuted(val, "image", 1),
-                    "instruction_shuffled": permuted(val, "lang", 2), "reasoning_shuffled": permuted(val, "reasoning", 3)}
+        shuffles = {"gold": None, "images_shuffled": ("image", 1), "instruction_shuffled": ("lang", 2),
+                    "reasoning_shuffled": ("reasoning", 3)}
         tagged = [s for s in val if s["reasoning"]]  # the VLM's text loss: frames with reasoning, shuffled among them
         res["vlm_frames"] = len(tagged)
-        for name, smp in variants.items():
-            res[f"flow_{name}"] = teacher_forced(policy, collator, smp)
-            key = {"gold": None, "images_shuffled": "image", "instruction_shuffled": "lang", "reasoning_shuffled": "reasoning"}[name]
-            res[f"vlm_{name}"] = text_loss(policy, collator, permuted(tagged, key, 1 + list(variants).index(name))
-                                           if key else tagged) if tagged else None
+        variants = {}
+        for name, how in shuffles.items():
+            variants[name] = permuted(val, *how) if how else val
+            res[f"flow_{name}"] = teacher_forced(policy, collator, variants[name])
+            res[f"vlm_{name}"] = text_loss(policy, collator, permuted(tagged, *how) if how else tagged) if tagged else None
             text = "" if res[f"vlm_{name}"] is None else f"   VLM loss on the reasoning {res[f'vlm_{name}']:.4f}"
             log(f"  flow loss {name:24s} {res[f'flow_{name}']:.4f}{text}")
         if not a.no_predict:
