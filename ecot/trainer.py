@@ -46,11 +46,11 @@ from .metrics import MetricsWindow, read_metrics, scalars
 from .policy import fsync_tree
 
 # %% auto #0
-__all__ = ['STATE_FILE', 'COMPLETE', 'SAFE_ON_RESUME', 'make_optimizer', 'make_scheduler', 'make_accelerator', 'seed_everything',
-           'rng_state', 'set_rng_state', 'write_atomic', 'write_json', 'check_run_dir', 'clear_run_dir',
-           'resume_changes', 'checkpoints', 'latest_checkpoint', 'resolve_checkpoint', 'delete_checkpoint',
-           'clean_stale', 'MetricsLogger', 'NonFiniteLossError', 'NonFiniteWeightsError', 'Prefetcher', 'Trainer',
-           'CheckpointStaging', 'checkpoint_tensors']
+__all__ = ['STATE_FILE', 'COMPLETE', 'SAFE_ON_RESUME', 'BATCH_KEYS', 'make_optimizer', 'make_scheduler', 'make_accelerator',
+           'seed_everything', 'rng_state', 'set_rng_state', 'write_atomic', 'write_json', 'check_run_dir',
+           'clear_run_dir', 'resume_changes', 'checkpoints', 'latest_checkpoint', 'resolve_checkpoint',
+           'delete_checkpoint', 'clean_stale', 'MetricsLogger', 'NonFiniteLossError', 'NonFiniteWeightsError',
+           'Prefetcher', 'Trainer', 'CheckpointStaging', 'checkpoint_tensors']
 
 # %% ../nbs/23_trainer.ipynb #cdb575ca
 def make_optimizer(model: torch.nn.Module, cfg: Config, device: Optional[torch.device] = None) -> torch.optim.AdamW:
@@ -171,14 +171,33 @@ def _flat(d: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def resume_changes(saved: Mapping, cfg: Config, step: int) -> list[str]:
+# what one process takes a step: the batch a process and the micro-batches a step; times the processes, the global batch
+BATCH_KEYS = ("datasets.vla_data.per_device_batch_size", "trainer.gradient_accumulation_steps")
+
+
+def resume_changes(saved: Mapping, cfg: Config, step: int, world_sizes: tuple[int, int] = (1, 1)) -> list[str]:
     """Check a resume's config against the checkpoint's (`saved`, its config.yaml as a dict): refuse changes that
-    would make the resumed run a different run, naming each (old -> new); return what the allowed ones do."""
+    would make the resumed run a different run, naming each (old -> new); return what the allowed ones do.
+    `world_sizes`: the processes that wrote the checkpoint and those resuming it; the batch a process and the
+    accumulation may change where the global batch (their product with the processes) stays the same."""
     old, new, default = _flat(saved), _flat(cfg.to_dict()), _flat(Config().to_dict())
     refused, notes = [], []
+    (b0, a0), (b1, a1) = ([d.get(k, default[k]) for k in BATCH_KEYS] for d in (old, new))
+    (w0, w1), split = world_sizes, lambda w, b, a: f"{w} processes x {b} samples x {a} micro-batches = {w * b * a}"
+    if (w0, b0, a0) != (w1, b1, a1):
+        if w0 * b0 * a0 == w1 * b1 * a1:
+            notes.append(f"the global batch is kept: {split(w0, b0, a0)} -> {split(w1, b1, a1)} a step. Weights and "
+                         "optimizer state are resharded exactly; the rest of the current epoch is read in the new "
+                         "layout, and each process draws its own noise, so losses follow the straight run's in "
+                         "distribution, not step for step")
+        else:
+            fits = (f"set {BATCH_KEYS[0]} x {BATCH_KEYS[1]} = {w0 * b0 * a0 // w1}" if w0 * b0 * a0 % w1 == 0 else
+                    f"{w1} processes cannot: use a number of processes that divides {w0 * b0 * a0}")
+            refused.append(f"the global batch: {split(w0, b0, a0)} -> {split(w1, b1, a1)} a step; a resume keeps it "
+                           f"({fits})")
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-        if a == b or (key in REMOVED_KEYS and b == "<absent>"):  # a removed key selected nothing
+        if a == b or (key in REMOVED_KEYS and b == "<absent>") or key in BATCH_KEYS:  # a removed key selected nothing
             continue
         change = f"{key}: {a!r} -> {b!r}"
         if a == "<absent>" and key in default and b == default[key]:  # a key added since, at its default
@@ -590,8 +609,25 @@ def load_checkpoint(self: Trainer, ckpt: Path, restore_rng: bool = True):
     self.step, self.stage, self.batches_consumed = s["step"], s["stage"], s["batches_consumed"]
     self.epoch, self.nonfinite_steps, self.wandb_id = s["epoch"], s["nonfinite_steps"], s.get("wandb_id")
     self.epoch_batches = s.get("epoch_batches")  # None in checkpoints from before the cursor: replayed
+    # on another number of processes, or another batch a process: the cursor in this layout's batches (the same
+    # number of frames consumed over all ranks)
+    batch = yaml.safe_load((ckpt / "config.yaml").read_text())["datasets"]["vla_data"]["per_device_batch_size"]
+    before = batch * s.get("world_size", self.acc.num_processes)  # frames a micro-batch, over all ranks
+    now = self.cfg.datasets.vla_data.per_device_batch_size * self.acc.num_processes
+    self.batches_consumed = self.batches_consumed * before // now
+    self.epoch_batches = None if self.epoch_batches is None else self.epoch_batches * before // now
     if restore_rng:
-        set_rng_state(torch.load(ckpt / f"rng_{self.acc.process_index}.pt", weights_only=False))
+        self.restore_rng(ckpt)
+
+
+@patch
+def restore_rng(self: Trainer, ckpt: Path):
+    "This rank's RNG state from `ckpt`; a rank the checkpoint's run did not have is seeded from the seed, step and rank."
+    f = ckpt / f"rng_{self.acc.process_index}.pt"
+    if f.exists():
+        set_rng_state(torch.load(f, weights_only=False))
+    else:
+        seed_everything((self.cfg.seed + 1_000_003 * self.step + self.acc.process_index) % 2**32)
 
 
 def checkpoint_tensors(ckpt: Path) -> dict:
@@ -658,7 +694,9 @@ def train(self: Trainer, resume: Optional[str | os.PathLike] = None, stop_at: Op
     ckpt = resolve_checkpoint(resume, self.ckpt_root) if resume else None
     if ckpt is not None:
         step = json.loads((ckpt / STATE_FILE).read_text())["step"]
-        for note in resume_changes(yaml.safe_load((ckpt / "config.yaml").read_text()), cfg, step):
+        saved_world = json.loads((ckpt / STATE_FILE).read_text()).get("world_size", acc.num_processes)
+        for note in resume_changes(yaml.safe_load((ckpt / "config.yaml").read_text()), cfg, step,
+                                   (saved_world, acc.num_processes)):
             if acc.is_main_process:
                 print(f"resume: {note}")
         self.load_checkpoint(ckpt, restore_rng=False)
@@ -673,7 +711,7 @@ def train(self: Trainer, resume: Optional[str | os.PathLike] = None, stop_at: Op
             epoch, epoch_batches = e, (epoch_batches + 1 if e == epoch else 1)
         self.epoch, self.epoch_batches = epoch, epoch_batches
     if ckpt is not None:  # ...then restore RNG, so noise draws continue exactly
-        set_rng_state(torch.load(ckpt / f"rng_{acc.process_index}.pt", weights_only=False))
+        self.restore_rng(ckpt)
     if acc.is_main_process:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")

@@ -157,13 +157,32 @@ def test_fsdp_saves_shards_and_resumes_as_a_straight_run(tmp_path):
     for k in ("total_loss", "retention_loss", "lambda"):  # CRaFT's statistics too: projected over shards as whole
         assert all(abs(x[k] - y[k]) <= 1e-3 * abs(y[k]) for x, y in zip(a, c)), (k, [(x[k], y[k]) for x, y in zip(a, c)])
 
-    one = tmp_path / "one"  # resharded: the 2-rank FSDP checkpoint of step 3, resumed by one plain process
+    # resharded: the 2-rank FSDP checkpoint of step 3 (2 ranks x 2 samples), resumed by one plain process, which must
+    # keep the global batch of 4: refused at 1 x 2, resumed at 1 x 2 x 2 micro-batches
+    one = tmp_path / "one"
     shutil.copytree(part, one)
     shutil.rmtree(one / "checkpoints/step_000006"); (one / "checkpoints/latest").write_text("step_000003\n")
-    r = subprocess.run(_train_cmd(one, 4, "--resume", "latest", *eos), capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    solo = lambda steps, *extra: subprocess.run(_train_cmd(one, steps, "--resume", "latest", *eos, *extra),
+                                                capture_output=True, text=True, timeout=300,
+                                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+    before = (one / "metrics.jsonl").read_bytes()
+    r = solo(4)
+    assert r.returncode != 0 and "the global batch" in r.stderr and "gradient_accumulation_steps = 4" in r.stderr, r.stderr[-2000:]
+    assert (one / "metrics.jsonl").read_bytes() == before  # the refused resume wrote nothing
+    r = solo(4, "--override", "trainer.gradient_accumulation_steps=2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "the global batch is kept" in r.stdout, r.stdout[-3000:]
     assert [x["step"] for x in _train_records(one)][-1] == 4
+    state = lambda step: json.loads((one / f"checkpoints/step_{step:06d}/trainer_state.json").read_text())
+    # the data cursor counts this layout's micro-batches: twice as many of half the frames each, plus step 4's two
+    assert state(4)["batches_consumed"] == 2 * state(3)["batches_consumed"] + 2, (state(3), state(4))
+    assert state(4)["world_size"] == 1
+
+    # and back onto two ranks (2 x 2 samples): rank 1, which the one-process run did not have, gets its own RNG seed
+    resumed = _launch_two_nodes(one, 5, "--resume", "latest", *eos, **fsdp)
+    assert "the global batch is kept" in resumed and "step_000004" in resumed, resumed[-3000:]
+    assert state(5)["batches_consumed"] == state(4)["batches_consumed"] // 2 + 1 and state(5)["world_size"] == 2
+    assert [x["step"] for x in _train_records(one)] == [1, 2, 3, 4, 5]
 
 
 def test_fsdp_evaluates_as_ddp(tmp_path):
