@@ -143,7 +143,12 @@ class FlowMatchingActionHead(nn.Module):
         "t = (s − u)/s, u ~ Beta(alpha, beta) (GR00T); uses the global torch RNG."
         beta = torch.distributions.Beta(torch.tensor(float(self.noise_beta_alpha)),
                                         torch.tensor(float(self.noise_beta_beta)))
-        return ((self.noise_s - beta.sample((n,))) / self.noise_s).to(device)
+        t = (self.noise_s - beta.sample((n,))) / self.noise_s
+        if device is not None and torch.device(device).type == "cuda":
+            # from page-locked memory the copy runs behind the queued kernels; from pageable memory it first waits
+            # for all of them, a host sync in every training forward
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
 
     def velocity(self, x_t, t, vlm_hidden, vlm_mask, state=None, return_hidden: bool = False):
         "Predicted velocity (N, chunk_len, action_dim) at noisy actions x_t and times t (N,)."

@@ -321,6 +321,12 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _pinned(batch):
+    """The batch's tensors in page-locked memory, so that their `non_blocking` copies to the GPU run behind the queued
+    kernels: a copy from pageable memory first waits for the GPU to finish all of them (a host sync a tensor)."""
+    return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()} if isinstance(batch, dict) else batch
+
+
 class Prefetcher:
     """Collates upcoming batches in a background thread while the current step runs on the device.
 
@@ -328,10 +334,12 @@ class Prefetcher:
     stage of the optimizer step that will use it; `next()` returns `(epoch, samples, batch)`. A lock keeps the
     collator (and its tokenizer, which is not thread-safe) to one thread at a time, also when the training loop
     re-collates a batch whose stage changed (`collate_at`). Collation draws no random numbers, so a run is the
-    same with or without the thread. Errors in the thread are raised by `next()`."""
+    same with or without the thread. `pin` (for a GPU): the batches' tensors are put in page-locked memory there too.
+    Errors in the thread are raised by `next()`."""
 
-    def __init__(self, source: Iterable, collate: Callable, stage_of: Callable[[int], int], depth: int = 2):
-        self.collate, self.lock = collate, threading.Lock()
+    def __init__(self, source: Iterable, collate: Callable, stage_of: Callable[[int], int], depth: int = 2,
+                 pin: bool = False):
+        self.collate, self.lock, self.pin = collate, threading.Lock(), pin
         self.queue: queue.Queue = queue.Queue(depth)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(source, stage_of), daemon=True, name="ecot-collate")
@@ -341,7 +349,8 @@ class Prefetcher:
         with self.lock:
             if hasattr(self.collate, "stage"):
                 self.collate.stage = stage
-            return self.collate(samples)
+            batch = self.collate(samples)
+        return _pinned(batch) if self.pin else batch
 
     def _put(self, item) -> bool:
         while not self.stopped.is_set():
@@ -732,7 +741,8 @@ def train(self: Trainer, resume: Optional[str | os.PathLike] = None, stop_at: Op
         if ckpt is not None and logger.truncate(self.step) and acc.is_main_process:
             print(f"metrics.jsonl: dropped the records after step {self.step}, which this resume writes again")
         accum, step0 = cfg.trainer.gradient_accumulation_steps, self.step
-        prefetch = Prefetcher(batches, self.collate, lambda i: self.stage_fn(step0 + i // accum))
+        prefetch = Prefetcher(batches, self.collate, lambda i: self.stage_fn(step0 + i // accum),
+                              pin=acc.device.type == "cuda")
         self._loop(prefetch, logger, stop_at or cfg.trainer.max_train_steps)
     except Exception as e:
         if not isinstance(e, (NonFiniteLossError, NonFiniteWeightsError)):
