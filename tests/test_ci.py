@@ -106,3 +106,15 @@ def test_latent_overhead_bench_runs_and_times_every_case_the_same_way():
     assert "all eager" in r.stdout  # auto on a CPU: stage 0 and the latent step built the same way
     row = [l for l in r.stdout.splitlines() if l.strip().startswith("2 ") and "x /" in l]
     assert len(row) == 1 and row[0].count("x /") == 2, r.stdout[-2000:]  # latent and loop: median / mean ratios
+
+
+def test_host_syncs_bench_names_the_waits_and_where_they_are_asked_for():
+    "The host-sync inventory on a CPU (tiny config): a count, and each wait with the project's line that asked for it."
+    import sys
+    r = subprocess.run([sys.executable, "bench/host_syncs.py", "--batch-size", "2"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    head = r.stdout.splitlines()[0]
+    assert "waits in one forward and backward" in head and int(head.split(": ")[1].split()[0]) > 0, head
+    assert "backbone.py" in r.stdout and "causal_lm_loss" in r.stdout  # the supervised positions' boolean mask
+    assert "(the backward, in autograd's thread)" in r.stdout  # the deepstack merge's backward
