@@ -831,19 +831,17 @@ def _fetch(self: Trainer, prefetch: Prefetcher) -> tuple[list, dict]:
 
 
 @patch
-def _forward(self: Trainer, batch: dict, sync: Callable) -> tuple[dict, torch.Tensor, bool]:
-    """The model's outputs on `batch` (the hooks add theirs), the loss to train on, and whether it and the hooks'
-    losses are finite on every rank."""
-    acc = self.acc
-    with sync(), acc.autocast():
+def _forward(self: Trainer, batch: dict, sync: Callable) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The model's outputs on `batch` (the hooks add theirs), the loss to train on, and a flag on the device: 1.0
+    where it and the hooks' losses are finite, else 0.0."""
+    with sync(), self.acc.autocast():
         out = self.model(batch)
         checked = [loss for h in self.hooks for loss in h.before_backward(batch, out)]
     loss = out["total_loss"] if "total_loss" in out else out["action_loss"]
     ok = torch.isfinite(loss.detach()).float()
     for extra in checked:
         ok = ok * torch.isfinite(extra.detach()).float()
-    ok = acc.reduce(ok, reduction="mean") if acc.num_processes > 1 else ok
-    return out, loss, ok.item() == 1.0
+    return out, loss, ok
 
 # %% ../nbs/23_trainer.ipynb #ba2e54de
 @patch
@@ -856,12 +854,13 @@ def _backward(self: Trainer, loss: torch.Tensor, out: dict, sync: Callable):
 
 
 @patch
-def _accumulate(self: Trainer, prefetch: Prefetcher) -> tuple[bool, list[dict], dict]:
-    """Fetch, forward and backward of the step's micro-batches: (all finite, their metrics, data and model time).
-    A non-finite micro-batch gets no backward (the step will be skipped)."""
+def _accumulate(self: Trainer, prefetch: Prefetcher) -> tuple[torch.Tensor, list[dict], dict]:
+    """Fetch, forward and backward of the step's micro-batches: (1.0 on the device where all their losses are finite,
+    their metrics, data and model time). A non-finite micro-batch gets its backward too, on every rank alike (DDP's
+    all-reduce needs every rank's); the step is then skipped and its gradients dropped."""
     acc, accum = self.acc, self.cfg.trainer.gradient_accumulation_steps
     own_sync = any(h.syncs_gradients for h in self.hooks)  # a hook all-reduces its own gradients: DDP never syncs
-    finite, outs, data_time, model_time = True, [], 0.0, 0.0
+    finite, outs, data_time, model_time = None, [], 0.0, 0.0
     for micro in range(accum):
         t0 = time.perf_counter()  # data time: how long this process waits for the next collated batch
         samples, batch = self._fetch(prefetch)
@@ -870,10 +869,8 @@ def _accumulate(self: Trainer, prefetch: Prefetcher) -> tuple[bool, list[dict], 
         no_sync = not self.sharded and (micro < accum - 1 or own_sync)
         sync = lambda: acc.no_sync(self.model) if no_sync else nullcontext()  # a fresh context per use
         out, loss, ok = self._forward(batch, sync)
-        if ok:
-            self._backward(loss, out, sync)
-        else:
-            finite = False
+        self._backward(loss, out, sync)
+        finite = ok if finite is None else finite * ok
         outs.append(scalars(out))
         self._window.samples += len(samples)
         if acc.device.type == "cuda":
@@ -883,11 +880,14 @@ def _accumulate(self: Trainer, prefetch: Prefetcher) -> tuple[bool, list[dict], 
 
 # %% ../nbs/23_trainer.ipynb #a56aa62e
 @patch
-def _optimizer_step(self: Trainer, finite: bool, outs: list[dict], logger) -> Optional[dict]:
+def _optimizer_step(self: Trainer, finite: torch.Tensor, outs: list[dict], logger) -> Optional[dict]:
     """The hooks' gradient surgery (their metrics join `outs`), clip, optimizer and scheduler step: the step's grad
-    norm and learning rate; None, the step skipped, when the loss or the gradient is not finite."""
+    norm and learning rate; None, the step skipped, when the loss (`finite`, the micro-batches' flag, 0.0 on any rank)
+    or the gradient is not finite."""
+    if self.acc.num_processes > 1:  # after the backward, where the gradients' all-reduce waits for every rank anyway
+        finite = self.acc.reduce(finite, reduction="mean")
     grad_norm = None
-    if finite:
+    if float(finite) == 1.0:
         outs.extend(h.after_backward() for h in self.hooks)
         grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.gradient_clipping)
     if grad_norm is None or not math.isfinite(float(grad_norm)):  # same on every rank: grads are reduced

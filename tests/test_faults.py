@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -84,6 +85,55 @@ def test_non_finite_metrics_are_written_as_null_with_a_flag(tmp_path):
     _trainer(tmp_path / "run", 3, Lin(extra_nan_metric=True)).train()
     recs = [_strict_json(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert any(r.get("odd_metric") is None and r.get("nonfinite") == ["odd_metric"] for r in recs)
+
+
+RANK_NAN_SCRIPT = textwrap.dedent('''
+    import json, os, sys, torch
+    from ecot.config import Config
+    from ecot.trainer import Trainer, seed_everything
+    rank = int(os.environ["RANK"])
+    class Lin(torch.nn.Module):  # rank 1's loss is NaN at its 3rd forward (step 3, accumulation 1; step 2 with 2)
+        def __init__(self):
+            super().__init__(); self.lin, self.calls = torch.nn.Linear(4, 2), 0
+        def forward(self, b):
+            self.calls += 1
+            loss = ((self.lin(b["x"]) - b["x"][:, :2]) ** 2).mean()
+            return {"total_loss": loss * float("nan") if rank == 1 and self.calls == 3 else loss}
+    def loader():
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(1000):
+            yield [{"x": torch.randn(8, 4, generator=g)}]
+    cfg = Config.model_validate({"wandb_mode": "disabled", "trainer": {"max_train_steps": 5, "logging_frequency": 1,
+        "save_at_end": False, "learning_rate": {"base": 0.05}, "num_warmup_steps": 0, "lr_scheduler_type": "constant",
+        "gradient_accumulation_steps": int(sys.argv[2])}})
+    seed_everything(0)
+    model = Lin()
+    t = Trainer(cfg, model, loader, lambda s: s[0], sys.argv[1], progress=False)
+    t.train()
+    with open(f"{sys.argv[1]}.rank{rank}.json", "w") as f:  # a file each: the ranks' prints may interleave
+        json.dump({"step": t.step, "nonfinite_steps": t.nonfinite_steps,
+                   "weight": model.lin.weight.detach().flatten().tolist()}, f)
+''')
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path, accumulation):
+    """Two processes (gloo, DDP): a NaN loss on rank 1 only. Both ranks still run the backward (DDP's all-reduce needs
+    both), agree once the step is done that it is skipped, and go on with equal, finite weights."""
+    script = tmp_path / "rank_nan.py"
+    script.write_text(RANK_NAN_SCRIPT)
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), str(script), str(tmp_path / "run"), str(accumulation)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"run.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(d["step"], d["nonfinite_steps"]) for d in ranks] == [(5, 1), (5, 1)], ranks
+    assert ranks[0]["weight"] == ranks[1]["weight"] and all(math.isfinite(w) for w in ranks[0]["weight"])
+    events = [r for r in read_metrics(tmp_path / "run") if r.get("event") == "nonfinite_skip"]
+    assert [(e["step"], e["reason"]) for e in events] == [(3 if accumulation == 1 else 2, "loss")], events
 
 
 KILL_SCRIPT = textwrap.dedent('''
