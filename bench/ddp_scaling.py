@@ -11,6 +11,11 @@ inside the span (`compiled_graphs`): one compiled after warm-up is a recompile, 
     python bench/ddp_scaling.py --layout fsdp --nproc 2 --override trainer.eval_samples=0   # the same under FSDP
     python bench/ddp_scaling.py --config tiny --steps 12 --skip 4 --log-every 4 --batch-size 2   # CPU smoke run (gloo)
     python bench/ddp_scaling.py --nproc 1 --out runs/scaling; python bench/ddp_scaling.py --out runs/scaling --reuse
+    python bench/ddp_scaling.py --layout fsdp --nproc 8 --save-at 30 --resume-on 4   # resharded: 8 GPUs' checkpoint on 4
+
+`--resume-on M`: the run on the most processes (N) saves a checkpoint at step `--save-at`, which is then resumed on M
+processes with N/M times the micro-batches a step (the global batch kept, the shapes as before), to the same last
+step; printed: both runs' losses over the resumed steps, window by window, and their means.
 """
 import argparse
 import json
@@ -27,25 +32,30 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def launch(nproc: int, run_dir: Path, a) -> None:
-    "One training run on `nproc` processes; this file is the per-process program (`--worker`)."
+def launch(nproc: int, run_dir: Path, a, resume: tuple = ()) -> None:
+    "One training run on `nproc` processes (`resume`: its extra arguments); this file is the per-process program (`--worker`)."
     train = ["--config", a.config, "--stage", str(a.stage), "--max-steps", str(a.steps), "--run-dir", str(run_dir),
              "--wandb-mode", "disabled", "--override", f"trainer.logging_frequency={a.log_every}",
              "--override", "trainer.save_at_end=false"]  # a 2B run's last checkpoint is ~31 GB: nothing to time
+    if a.save_at:  # one checkpoint, kept, for --resume-on
+        train += ["--override", f"trainer.save_interval={a.save_at}", "--override", "trainer.keep_last_checkpoints=1"]
     for o in a.override:
         train += ["--override", o]
     if a.batch_size:
         train += ["--batch-size", str(a.batch_size)]
-    if a.profile:
+    if a.profile and not resume:
         train += ["--profile", str(a.profile)]
+    train += list(resume)
+    layout = "ddp" if resume and nproc == 1 else a.layout  # a sharded checkpoint resumes whole in one plain process
     if torch.cuda.is_available():
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / f"{a.layout}.yaml"), "--num_processes", str(nproc)]
-    elif a.layout != "ddp":
+               str(ROOT / "configs" / "accelerate" / f"{layout}.yaml"), "--num_processes", str(nproc)]
+    elif layout != "ddp":
         raise SystemExit("--layout fsdp runs on GPUs (on CPUs, tests/test_multinode.py runs FSDP with gloo)")
     else:  # CPU processes with gloo (accelerate's MULTI_CPU launcher runs one process on one machine)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    cmd += ["--main_process_port" if torch.cuda.is_available() else "--master_port", str(29500 + nproc), __file__,
+    port = 29500 + nproc + (100 if resume else 0)
+    cmd += ["--main_process_port" if torch.cuda.is_available() else "--master_port", str(port), __file__,
             "--worker", *train]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     print("$", " ".join(cmd), flush=True)
@@ -71,6 +81,37 @@ def summary(run_dir: Path, skip: int) -> dict:
             "window_max": max(windows), "recompiles": b.get("compiled_graphs", 0) - a.get("compiled_graphs", 0),
             "data_share": data / (data + model), "data_ms": 1e3 * data, "model_ms": 1e3 * model,
             "peak_memory_gib": max((r.get("peak_memory_gib", float("nan")) for r in span), default=float("nan"))}
+
+
+def records(run_dir: Path) -> dict:
+    "A run's training records by step."
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, filter(str.strip, lines)) if "action_loss" in r}
+
+
+def resume_on(n: int, m: int, out: Path, a) -> None:
+    """Resume the `n`-process run's checkpoint at step `a.save_at` on `m` processes, n/m times the micro-batches a step,
+    and print both runs' losses over the resumed steps."""
+    from ecot.build import run_config
+    if n % m:
+        raise SystemExit(f"--resume-on {m}: the global batch of {n} processes cannot be kept on {m} (not a divisor)")
+    accum = run_config(a.config, a.stage, a.override).trainer.gradient_accumulation_steps * n // m
+    ckpt = out / f"nproc{n}" / "checkpoints" / f"step_{a.save_at:06d}"
+    run_dir = out / f"nproc{n}_resumed_on{m}"
+    if not (a.reuse and (run_dir / "metrics.jsonl").exists()):
+        launch(m, run_dir, a, ("--resume", str(ckpt), "--override", f"trainer.gradient_accumulation_steps={accum}",
+                               "--override", f"trainer.save_interval={a.steps}"))  # no checkpoint of its own
+    straight, resumed = records(out / f"nproc{n}"), records(run_dir)
+    steps = sorted(set(straight) & set(resumed))
+    print(f"\nresumed on {m} process(es) from the {n}-process run's step {a.save_at} ({accum} micro-batches a step): "
+          f"losses, straight / resumed")
+    keys = ("action_loss", "vlm_loss")
+    for step in steps:
+        print(f"{step:>6}  " + "  ".join(f"{k} {straight[step][k]:.4f} / {resumed[step][k]:.4f}" for k in keys if k in straight[step]))
+    for k in keys:
+        if steps and k in straight[steps[0]]:
+            x, y = (statistics.mean(r[s][k] for s in steps) for r in (straight, resumed))
+            print(f"mean {k} over steps {a.save_at + 1}-{steps[-1]}: {x:.4f} / {y:.4f} ({(y - x) / x:+.1%})")
 
 
 def profile_steps(first: int, count: int = 3) -> None:
@@ -133,9 +174,14 @@ def main():
                     help="profile 3 steps from this one on rank 0 (keep it before --skip); writes profile.txt, printed")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     ap.add_argument("--reuse", action="store_true", help="read runs already in --out instead of running them again")
+    ap.add_argument("--save-at", type=int, default=0, metavar="STEP", help="each run saves (and keeps) a checkpoint here")
+    ap.add_argument("--resume-on", type=int, nargs="*", default=[], metavar="M",
+                    help="resume the largest run's --save-at checkpoint on M processes, the global batch kept")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for both runs (repeatable), e.g. trainer.eval_samples=0")
     a = ap.parse_args()
+    if a.resume_on and not 0 < a.save_at < a.steps:
+        raise SystemExit(f"--resume-on needs --save-at between 1 and --steps - 1 ({a.steps - 1}), got {a.save_at}")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(a.out or tmp)
         res = {}
@@ -146,6 +192,8 @@ def main():
             if a.profile:
                 print((out / f"nproc{n}" / "profile.txt").read_text(), flush=True)
             print(f"{n} process(es): {json.dumps(res[n])}", flush=True)
+        for m in a.resume_on:
+            resume_on(max(a.nproc), m, out, a)
     base = res[min(res)]
     print(f"\n{'processes':>9} {'samples/s (span)':>17} {'windows: median, range':>24} {'recompiles':>10} "
           f"{'scaling efficiency':>19} {'data wait / step':>17} {'peak GiB':>9}")

@@ -118,3 +118,24 @@ def test_host_syncs_bench_names_the_waits_and_where_they_are_asked_for():
     assert "waits in one forward and backward" in head and int(head.split(": ")[1].split()[0]) > 0, head
     assert "backbone.py" in r.stdout and "causal_lm_loss" in r.stdout  # the supervised positions' boolean mask
     assert "(the backward, in autograd's thread)" in r.stdout  # the deepstack merge's backward
+
+
+def test_ddp_scaling_resumes_the_largest_run_on_fewer_processes_and_compares_losses(tmp_path):
+    """The scaling bench on CPUs (gloo, tiny config): two processes save at step 4, one process resumes that checkpoint
+    with two micro-batches a step (the global batch kept) to step 8; both runs' losses are printed side by side."""
+    import sys
+    r = subprocess.run([sys.executable, "bench/ddp_scaling.py", "--config", "tiny", "--steps", "8", "--skip", "4",
+                        "--log-every", "2", "--batch-size", "2", "--nproc", "2", "--save-at", "4", "--resume-on", "1",
+                        "--out", str(tmp_path), "--override", "trainer.eval_samples=0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "the global batch is kept: 2 processes x 2 samples x 1 micro-batches = 4" in r.stdout, r.stdout[-3000:]
+    assert "2 micro-batches a step" in r.stdout
+    rows = [l.split() for l in r.stdout.splitlines() if l.strip().startswith(("6 ", "8 ")) and "action_loss" in l]
+    assert [row[0] for row in rows] == ["6", "8"], r.stdout[-3000:]
+    assert all(float(row[2]) > 0 and float(row[4]) > 0 for row in rows)  # straight / resumed action losses
+    assert "mean action_loss over steps 5-8" in r.stdout
+    resumed = [json.loads(l) for l in (tmp_path / "nproc2_resumed_on1/metrics.jsonl").read_text().splitlines() if l.strip()]
+    assert [x["step"] for x in resumed if "action_loss" in x] == [6, 8]  # from step 5 on, one process
+    assert not list((tmp_path / "nproc2_resumed_on1").glob("checkpoints/step_*"))  # no checkpoint of its own
