@@ -168,12 +168,14 @@ class BackboneOutput:
 
 def causal_lm_loss(lm_head: nn.Module, last_hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     "transformers' causal-LM loss, with logits computed only at positions whose next token is supervised."
-    shift = F.pad(labels[:, 1:], (0, 1), value=-100)
-    sel = shift != -100
-    if not sel.any():  # nothing supervised: a zero that keeps the graph (no NaN from an empty mean)
+    shift = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+    # the supervised positions as indices: one read to the host (their count); a boolean mask would read it again in
+    # every indexing, forward and backward
+    at = (shift != -100).nonzero().squeeze(1)
+    if at.numel() == 0:  # nothing supervised: a zero that keeps the graph (no NaN from an empty mean)
         return last_hidden.sum() * 0.0
-    logits = lm_head(last_hidden[sel]).float()
-    return F.cross_entropy(logits, shift[sel])
+    logits = lm_head(last_hidden.flatten(0, 1)[at]).float()
+    return F.cross_entropy(logits, shift[at])
 
 # %% ../nbs/14_backbone.ipynb #79bf537e
 def _attend(q, prefix_k, prefix_v, think_k, think_v, key_mask, scale: float, dropout_p: float):
@@ -320,7 +322,7 @@ class QwenVLBackbone(nn.Module):
             out = BackboneOutput(hidden, last)
         else:
             out = self._latent_forward(embeds, attention_mask, position_ids, vis_mask, deepstack,
-                                       int(think_start), think_counts)
+                                       int(think_start), think_counts, n_latent)
         if labels is not None:
             out.vlm_loss = causal_lm_loss(self.vlm.lm_head, out.last_hidden_state, labels)
         if return_logits:
@@ -373,10 +375,11 @@ def _check_latent(self: QwenVLBackbone, L, think_start, n_latent, vis_mask):
 
 # %% ../nbs/14_backbone.ipynb #6f581654
 @patch
-def _latent_forward(self: QwenVLBackbone, embeds, attention_mask, position_ids, vis_mask, deepstack, think_start, think_counts):
-    "Prefix pass, one lean pass per thinking column (hidden of column c-1 -> input of column c), then the rest."
+def _latent_forward(self: QwenVLBackbone, embeds, attention_mask, position_ids, vis_mask, deepstack, think_start,
+                    think_counts, n_latent: int):
+    """Prefix pass, one lean pass per thinking column (hidden of column c-1 -> input of column c), then the rest.
+    `n_latent`: the most thinking tokens of a row (`think_counts.max()`, read once by the caller)."""
     B, L, _ = embeds.shape
-    n_latent = int(think_counts.max())
     self._check_latent(L, think_start, n_latent, vis_mask)
     cache = DynamicCache(config=self.vlm.config.text_config)
     ts, lm = think_start, self.language_model

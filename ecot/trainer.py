@@ -702,10 +702,9 @@ def train(self: Trainer, resume: Optional[str | os.PathLike] = None, stop_at: Op
     acc.wait_for_everyone()
     ckpt = resolve_checkpoint(resume, self.ckpt_root) if resume else None
     if ckpt is not None:
-        step = json.loads((ckpt / STATE_FILE).read_text())["step"]
-        saved_world = json.loads((ckpt / STATE_FILE).read_text()).get("world_size", acc.num_processes)
-        for note in resume_changes(yaml.safe_load((ckpt / "config.yaml").read_text()), cfg, step,
-                                   (saved_world, acc.num_processes)):
+        saved = json.loads((ckpt / STATE_FILE).read_text())
+        for note in resume_changes(yaml.safe_load((ckpt / "config.yaml").read_text()), cfg, saved["step"],
+                                   (saved.get("world_size", acc.num_processes), acc.num_processes)):
             if acc.is_main_process:
                 print(f"resume: {note}")
         self.load_checkpoint(ckpt, restore_rng=False)
