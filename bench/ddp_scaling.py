@@ -64,8 +64,8 @@ def launch(nproc: int, run_dir: Path, a, resume: tuple = ()) -> None:
 
 def summary(run_dir: Path, skip: int) -> dict:
     "Whole-span throughput (steps after `skip` over their wall time), window spread, recompiles and data share of one run."
-    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    recs = [r for r in recs if "samples_per_s" in r]
+    from ecot.metrics import read_metrics
+    recs = [r for r in read_metrics(run_dir) if "samples_per_s" in r]
     start = [r for r in recs if r["step"] <= skip]
     span = [r for r in recs if r["step"] > skip]
     if not start or not span:
@@ -85,8 +85,8 @@ def summary(run_dir: Path, skip: int) -> dict:
 
 def records(run_dir: Path) -> dict:
     "A run's training records by step."
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, filter(str.strip, lines)) if "action_loss" in r}
+    from ecot.metrics import read_metrics
+    return {r["step"]: r for r in read_metrics(run_dir) if "action_loss" in r}
 
 
 def resume_on(n: int, m: int, out: Path, a) -> None:
