@@ -140,9 +140,11 @@ def profile_steps(first: int, count: int = 3) -> None:
                 gpu = lambda e: e.self_device_time_total / 1e3 / count  # ms per step
                 comm = sum(gpu(e) for e in kernels if e.key.startswith("ncclDevKernel"))
                 total = sum(gpu(e) for e in kernels)
+                waits = sum(e.count for e in events if e.key == "cudaStreamSynchronize") / count
                 text = (f"rank 0 of {self.acc.num_processes}, steps {first + 1}-{first + count}: wall {1e3 * wall / count:.1f} "
                         f"ms per step; GPU busy {total:.1f} ms per step, of which communication {comm:.1f} ms "
-                        f"(kernels of concurrent streams add up)\n\n"
+                        f"(kernels of concurrent streams add up); {sum(e.count for e in kernels) / count:.0f} kernels "
+                        f"and {waits:.0f} host waits (cudaStreamSynchronize) per step\n\n"
                         + events.table(sort_by="self_device_time_total", row_limit=25) + "\n"
                         + events.table(sort_by="cpu_time_total", row_limit=15))
                 (self.run_dir / "profile.txt").write_text(text)

@@ -13,6 +13,7 @@ trainer pins its batches).
 """
 import argparse
 import collections
+import os
 import traceback
 import warnings
 
@@ -24,9 +25,14 @@ WAITS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.maske
          "aten._unique2.default", "aten.unique_consecutive.default", "aten.repeat_interleave.Tensor"}
 
 
+# frames that only carry the wait: torch's own (by its install directory: a path such as /opt/torch/.venv/... holds
+# "/torch/" in other packages' files too) and the warnings machinery that reports it on CUDA
+CARRIERS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(warnings.__file__) + os.sep + "warnings.py")
+
+
 def site(skip: str) -> str:
     "The innermost frames outside torch (and this file): where the wait was asked for."
-    frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and skip not in f.filename]
+    frames = [f for f in traceback.extract_stack() if not f.filename.startswith(CARRIERS) and skip not in f.filename]
     return " <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in reversed(frames[-3:])) or \
         "(the backward, in autograd's thread)"
 
@@ -57,8 +63,10 @@ def count(step, device: torch.device) -> collections.Counter:
     show = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "synchronizing" in str(message):
-            sites[(str(message).split(":", 1)[0], site(__file__))] += 1
+        if "called a synchronizing CUDA operation" in str(message):  # not the mode's own "prototype" notice
+            sites[("synchronizing op", site(__file__))] += 1
+        elif "Synchronization debug mode" in str(message):
+            pass
         else:
             show(message, category, filename, lineno, file, line)
 
