@@ -27,6 +27,7 @@ same run.
     python bench/world_learnability.py --steps 400                      # the default embedded world
     python bench/world_learnability.py --steps 400 --seed 1 --out runs/world_seed1.json
     python bench/world_learnability.py --steps 0 --baselines-only      # data and baselines, no policy
+    python bench/world_learnability.py --steps 2500 --every 500          # the VLM's text loss, own vs shuffled images, as it trains
 """
 import argparse
 import json
@@ -224,6 +225,31 @@ def predict(policy, samples, batch_size=32, seed=0):
     return np.concatenate(sampled), np.concatenate(expected), texts
 
 
+def text_loss_evaluator(evaluator, policy, collator, own, shuffled, every, evaluations):
+    """A Trainer `evaluator` (it runs every `trainer.eval_interval` = `every` steps and at the last): the VLM's text loss
+    on the reasoning of `own` (frames with reasoning) and of `shuffled` (the same, images shuffled among them), appended
+    to `evaluations`, printed and returned (nothing when `own` is empty); at the last step also the run's own `evaluator`,
+    which is all the Trainer ran before. The global torch RNG is forked around the scoring, so a run trains exactly as
+    one that never scores."""
+    def evaluate(trainer):
+        out = {}
+        if own:
+            was_training = policy.training
+            with torch.random.fork_rng(devices=[]):
+                rec = {"step": trainer.step, "vlm_gold": text_loss(policy, collator, own),
+                       "vlm_images_shuffled": text_loss(policy, collator, shuffled)}
+            policy.train(was_training)
+            rec["ratio"] = rec["vlm_gold"] / rec["vlm_images_shuffled"]
+            evaluations.append(rec)
+            log(f"every {every}: step {rec['step']:6d}   VLM loss on the reasoning: own images {rec['vlm_gold']:.4f}, "
+                f"images shuffled {rec['vlm_images_shuffled']:.4f}, ratio {rec['ratio']:.3f}")
+            out = {f"eval/reasoning_{k}": v for k, v in rec.items() if k != "step"}
+        if trainer.step == trainer.cfg.trainer.max_train_steps and evaluator is not None:
+            out.update(evaluator(trainer))
+        return out
+    return evaluate
+
+
 def reasoning_accuracy(decoded, samples, tags=("SUBTASK", "MOVE")):
     "Share of frames whose decoded tag text equals the gold one, per tag."
     acc = {}
@@ -250,6 +276,9 @@ def main(argv=None):
     ap.add_argument("--no-predict", action="store_true", help="skip predict_action (decoding) metrics")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    ap.add_argument("--every", type=int, default=None,
+                    help="while training, every this many optimizer steps and at the end: the VLM's text loss on the "
+                         "held-out reasoning with own vs shuffled images (the figures of the end do not change)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads or max(1, os.cpu_count() or 1))
 
@@ -265,7 +294,7 @@ def main(argv=None):
         f"{size / 1e6:.1f} MB, ready in {gen_s:.1f}s")
 
     ov = list(a.override) + [f"datasets.vla_data.ecot.data_root_dir={root}", "wandb_mode=disabled",
-                             "trainer.save_interval=100000", "trainer.eval_interval=100000",
+                             "trainer.save_interval=100000", f"trainer.eval_interval={a.every or 100000}",
                              f"trainer.logging_frequency={max(1, a.steps // 10) if a.steps else 1}"]
     params = dict(max_steps=max(1, a.steps), seed=a.seed)
     if a.batch_size:
@@ -304,18 +333,24 @@ def main(argv=None):
 
     if not a.baselines_only:
         run = build_run(cfg)
-        with tempfile.TemporaryDirectory() as d:
-            t2 = time.time()
-            hist = run.trainer(d, progress=False).train()
-            res["train_s"] = time.time() - t2
-        res["train_action_loss_first_last"] = [hist[0]["action_loss"], hist[-1]["action_loss"]]
-        log(f"trained {a.steps} steps in {res['train_s']:.0f}s: action loss {hist[0]['action_loss']:.3f} -> "
-            f"{hist[-1]['action_loss']:.3f}")
         policy, collator = run.policy, run.collator
         shuffles = {"gold": None, "images_shuffled": ("image", 1), "instruction_shuffled": ("lang", 2),
                     "reasoning_shuffled": ("reasoning", 3)}
         tagged = [s for s in val if s["reasoning"]]  # the VLM's text loss: frames with reasoning, shuffled among them
         res["vlm_frames"] = len(tagged)
+        with tempfile.TemporaryDirectory() as d:
+            t2 = time.time()
+            trainer = run.trainer(d, progress=False)
+            if a.every:
+                res["every"] = []
+                trainer.evaluator = text_loss_evaluator(trainer.evaluator, policy, collator, tagged,
+                                                        permuted(tagged, *shuffles["images_shuffled"]), a.every,
+                                                        res["every"])
+            hist = trainer.train()
+            res["train_s"] = time.time() - t2
+        res["train_action_loss_first_last"] = [hist[0]["action_loss"], hist[-1]["action_loss"]]
+        log(f"trained {a.steps} steps in {res['train_s']:.0f}s: action loss {hist[0]['action_loss']:.3f} -> "
+            f"{hist[-1]['action_loss']:.3f}")
         variants = {}
         for name, how in shuffles.items():
             variants[name] = permuted(val, *how) if how else val

@@ -120,6 +120,26 @@ def test_host_syncs_bench_names_the_waits_and_where_they_are_asked_for():
     assert "(the backward, in autograd's thread)" in r.stdout  # the deepstack merge's backward
 
 
+
+def test_world_learnability_scores_while_training_without_changing_the_training(tmp_path):
+    """`--every`: the VLM's held-out text loss, own against shuffled images, at each K steps and the last; the scoring
+    forks the RNG, so the run's end-of-training figures equal those of a run without it."""
+    import sys
+
+    def run(name, *extra):
+        out = tmp_path / f"{name}.json"
+        r = subprocess.run([sys.executable, "bench/world_learnability.py", "--n-train", "6", "--n-val", "2",
+                            "--val-frames", "12", "--steps", "4", "--batch-size", "2", "--no-predict", "--threads", "1",
+                            "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return json.loads(out.read_text())
+
+    plain, scored = run("plain"), run("scored", "--every", "2")
+    assert [e["step"] for e in scored.pop("every")] == [2, 4]
+    timing = lambda d: {k: v for k, v in d.items() if not k.endswith("_s")}
+    assert timing(plain) == timing(scored)
+
 def test_ddp_scaling_resumes_the_largest_run_on_fewer_processes_and_compares_losses(tmp_path):
     """The scaling bench on CPUs (gloo, tiny config): two processes save at step 4, one process resumes that checkpoint
     with two micro-batches a step (the global batch kept) to step 8; both runs' losses are printed side by side."""
