@@ -63,11 +63,9 @@ def count(step, device: torch.device) -> collections.Counter:
     show = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None):
-        if "called a synchronizing CUDA operation" in str(message):  # not the mode's own "prototype" notice
+        if "called a synchronizing CUDA operation" in str(message):
             sites[("synchronizing op", site(__file__))] += 1
-        elif "Synchronization debug mode" in str(message):
-            pass
-        else:
+        elif "Synchronization debug mode" not in str(message):  # the mode's own "prototype" notice is dropped
             show(message, category, filename, lineno, file, line)
 
     torch.cuda.synchronize()

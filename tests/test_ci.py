@@ -120,7 +120,6 @@ def test_host_syncs_bench_names_the_waits_and_where_they_are_asked_for():
     assert "(the backward, in autograd's thread)" in r.stdout  # the deepstack merge's backward
 
 
-
 def test_world_learnability_scores_while_training_without_changing_the_training(tmp_path):
     """`--every`: the VLM's held-out text loss, own against shuffled images, at each K steps and the last; the scoring
     forks the RNG, so the run's end-of-training figures equal those of a run without it."""
@@ -139,6 +138,7 @@ def test_world_learnability_scores_while_training_without_changing_the_training(
     assert [e["step"] for e in scored.pop("every")] == [2, 4]
     timing = lambda d: {k: v for k, v in d.items() if not k.endswith("_s")}
     assert timing(plain) == timing(scored)
+
 
 def test_ddp_scaling_resumes_the_largest_run_on_fewer_processes_and_compares_losses(tmp_path):
     """The scaling bench on CPUs (gloo, tiny config): two processes save at step 4, one process resumes that checkpoint
