@@ -16,6 +16,7 @@ import types
 import torch
 
 from ecot.backbone import QwenVLBackbone, build_qwen3vl, tiny_qwen3vl_config
+from ecot.backbone import graph_regions
 from ecot.build import compile_model
 from ecot.reference import compare_latent_to_reference, loop_latent_forward, reference_latent_forward
 from ecot.testing import ToyTokenizer, float64_rmsnorm, toy_batch
@@ -83,9 +84,14 @@ def time_step(policy, batch, steps: int, device, max_warmup: int = 6):
 def set_mode(policy, mode: str, device) -> bool:
     """Compile the policy as training does (`ecot.build.compile_model`: decoder layers, vision and DiT blocks, the
     latent column step) or leave all of it eager, so that every step of a run, stage 0 and latent alike, is built the
-    same way. `auto`: compiled on CUDA."""
-    on = device.type == "cuda" if mode == "auto" else mode == "compiled"
-    compile_model(policy, on)
+    same way. `graphed`: compiled, and the compiled regions' training calls replay CUDA graphs
+    (`framework.qwenvl.cuda_graphs`). `auto`: compiled on CUDA. On a policy already compiled, switching between
+    `compiled` and `graphed` only switches the graphs."""
+    on = device.type == "cuda" if mode == "auto" else mode in ("compiled", "graphed")
+    if on and any(m._compiled_call_impl is not None for m in policy.modules()):
+        graph_regions(policy, mode == "graphed")
+    else:
+        compile_model(policy, on, cuda_graphs=mode == "graphed")
     return on
 
 
@@ -149,8 +155,9 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="timed steps per case, after warm-up until nothing compiles")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive full-recompute reference")
     ap.add_argument("--no-loop", action="store_true", help="skip the Coconut-style loop (ecot.reference.loop_latent_forward)")
-    ap.add_argument("--mode", choices=("auto", "compiled", "eager"), default="auto",
-                    help="every case compiled as training compiles it, or every case eager (auto: compiled on CUDA)")
+    ap.add_argument("--mode", choices=("auto", "compiled", "graphed", "eager"), default="auto",
+                    help="every case compiled as training compiles it (graphed: and its compiled regions replayed from "
+                         "CUDA graphs), or every case eager (auto: compiled on CUDA)")
     ap.add_argument("--check", action="store_true", help="first compare both KV paths with the reference on the device")
     ap.add_argument("--profile", action="store_true", help="profile one latent step at the largest n")
     a = ap.parse_args()
@@ -160,6 +167,7 @@ def main():
     policy.train()
     vlm = policy.backbone.vlm
     compiled = set_mode(policy, a.mode, device)
+    label = a.mode if a.mode != "auto" else "compiled" if compiled else "eager"
     print(environment(device), flush=True)
     if a.check:
         check_exactness(policy, device, max(a.n))
@@ -168,7 +176,7 @@ def main():
     L = make_batch(vlm, 0, a.batch, a.tokens, a.image, device)["input_ids"].shape[1]
     print(f"stage 0: median {base_t['median'] * 1e3:.1f} ms/step, mean {base_t['mean'] * 1e3:.1f} ({base_t['n']} steps), "
           f"peak {base_m / 2**30:.2f} GiB, batch {a.batch} x {L} tokens ({a.preset}, {dtype}, "
-          f"{'compiled' if compiled else 'eager'})", flush=True)
+          f"{label})", flush=True)
     ratio = lambda t: {k: t[k] / base_t[k] for k in ("median", "mean")}
     kv_forward = policy.backbone.forward
     for n in a.n:
@@ -191,7 +199,7 @@ def main():
     if a.profile:
         profile_step(policy, make_batch(vlm, max(a.n), a.batch, a.tokens, a.image, device), device)
     print(f"\nstep time (median / mean of {a.steps} steps) and peak memory relative to the stage-0 step: same model, "
-          f"batch and sequence, {'all compiled' if compiled else 'all eager'}, one run")
+          f"batch and sequence, all {label}, one run")
     cell = lambda r, k: f"{r[k]['median']:.2f}x / {r[k]['mean']:.2f}x" if k in r else "-"
     print(f"{'n':>3} {'latent (KV cache)':>18} {'coconut loop':>16} {'naive recompute':>16} {'latent mem':>11} "
           f"{'loop mem':>9} {'naive mem':>10}")

@@ -22,15 +22,17 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 from torch.distributed.fsdp import register_fsdp_forward_method
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers import DynamicCache, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
 
 from .config import TINY_VLM  # the `framework.qwenvl.base_vlm` value of the tiny preset
 
 # %% auto #0
-__all__ = ['VISION_TOKENS', 'vlm_token_ids', 'mrope_section_for', 'tiny_qwen3vl_config', 'resolve_attn_implementation',
-           'build_qwen3vl', 'resize_for_tokenizer', 'BackboneOutput', 'causal_lm_loss', 'column_layer', 'column_stack',
-           'region_compile_options', 'compiled_column_step', 'frames_attention', 'QwenVLBackbone', 'layer_column']
+__all__ = ['VISION_TOKENS', 'MAX_GRAPHED_SIGNATURES', 'vlm_token_ids', 'mrope_section_for', 'tiny_qwen3vl_config',
+           'resolve_attn_implementation', 'build_qwen3vl', 'resize_for_tokenizer', 'BackboneOutput', 'causal_lm_loss',
+           'column_layer', 'column_stack', 'region_compile_options', 'compiled_column_step', 'frames_attention',
+           'QwenVLBackbone', 'GraphedCall', 'graph_regions', 'layer_column']
 
 # %% ../nbs/14_backbone.ipynb #543c5e51
 VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -328,6 +330,140 @@ class QwenVLBackbone(nn.Module):
         if return_logits:
             out.logits = self.vlm.lm_head(out.last_hidden_state)
         return out
+
+# %% ../nbs/14_backbone.ipynb #04a7fdba
+MAX_GRAPHED_SIGNATURES = 4  # per region: each signature's graphs hold that signature's activations for good
+
+
+class _Region(nn.Module):
+    "What `make_graphed_callables` captures: the compiled call of `block`, tensors in, the constants put back."
+    def __init__(self, block: nn.Module, call, spec, consts: dict):
+        super().__init__()
+        self.block, self.call, self.spec, self.consts = block, call, spec, consts  # block: its parameters are the graph's
+
+    def forward(self, *tensors):
+        it = iter(tensors)
+        leaves = [self.consts[i] if i in self.consts else next(it) for i in range(self.spec.num_leaves)]
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        return self.call(*args, **kwargs)
+
+
+class GraphedCall:
+    """A compiled region's call (`Module.compile`) whose training calls replay CUDA graphs.
+
+    A training step of the 2B model launches its work through ~120 compiled regions (decoder layers, vision and DiT
+    blocks), forward and backward, each costing 1-2 ms of host time: the host, not the GPU, sets the step time
+    (bench/README.md). A CUDA graph replays a region's kernels with one launch. `torch.cuda.make_graphed_callables`
+    captures the region's forward and backward the first time a signature is seen (tensor shapes, dtypes and
+    `requires_grad`, the other arguments' values, autocast); later calls with it copy their tensors into the
+    graph's inputs and replay.
+
+    Everything else runs the compiled call as before: calls outside training or without gradients (evaluation,
+    inference, CRaFT's θ0 pass), arguments that are neither tensors nor plain constants (a KV cache), hooks other
+    than forward hooks (which are run), parameters that moved since the capture, more than `MAX_GRAPHED_SIGNATURES`
+    signatures, and a second call with one signature before the first one's backward (CRaFT's retention pass
+    beside the policy's), since its activations live in the graph's memory. For the same reason the outputs alias
+    that memory until the signature's next replay: nothing in a training step keeps them longer.
+
+    The parameters' gradients also come out in the graph's memory, and autograd would make one the parameter's
+    `.grad` (it takes a gradient it holds the only reference to), which the next replay overwrites: accumulation
+    over micro-batches would lose all but the last. A hook on each parameter hands autograd a copy instead.
+    Under autocast, its weight cache must be off (`cache_enabled=False`, what the trainer sets with
+    `framework.qwenvl.cuda_graphs`): graphs cannot use it, and turning it off for a capture recompiles the region."""
+
+    def __init__(self, block: nn.Module, call):
+        self.block, self.call, self.graphs, self.hooks = block, call, {}, []
+
+    def release(self):
+        "Drop the graphs and the gradient hooks (`graph_regions(..., on=False)`)."
+        for h in self.hooks:
+            h.remove()
+        self.graphs, self.hooks = {}, []
+
+    def _replayable(self, leaves, kwargs) -> bool:
+        b = self.block
+        if not (b.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return False
+        if kwargs.get("past_key_values") is not None:  # a cache is updated in place: never a graph's input
+            return False
+        if b._forward_pre_hooks or b._backward_hooks or b._backward_pre_hooks:
+            return False
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        return (bool(tensors) and all(t.is_cuda for t in tensors)
+                and all(isinstance(v, (type(None), bool, int, float, str, torch.dtype))
+                        for v in leaves if not isinstance(v, torch.Tensor)))
+
+    def __call__(self, *args, **kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        if not self._replayable(leaves, kwargs):
+            return self.call(*args, **kwargs)
+        tensors = tuple(t for t in leaves if isinstance(t, torch.Tensor))
+        consts = {i: v for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)}
+        key = (spec, tuple(consts.items()), tuple((t.shape, t.dtype, t.requires_grad) for t in tensors),
+               torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        entry = self.graphs.get(key)
+        if key not in self.graphs and len(self.graphs) < MAX_GRAPHED_SIGNATURES:
+            entry = self.graphs[key] = self._capture(spec, consts, tensors)
+        params = tuple(p.data_ptr() for p in self.block.parameters())
+        if entry is None or entry["pending"] or entry["params"] != params:
+            return self.call(*args, **kwargs)
+        out = entry["graphed"](*tensors)
+        first = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad), None)
+        if first is not None:  # the graph's activations are in use until the backward reaches this output
+            entry["pending"] = True
+            first.register_hook(partial(self._backward_started, entry))
+        for hook_id, hook in self.block._forward_hooks.items():  # what Module.__call__ would run after forward
+            res = (hook(self.block, args, kwargs, out) if hook_id in self.block._forward_hooks_with_kwargs
+                   else hook(self.block, args, out))
+            out = out if res is None else res
+        return out
+
+    @staticmethod
+    def _backward_started(entry, grad):
+        entry["pending"] = False
+
+    def _capture(self, spec, consts, tensors) -> Optional[dict]:
+        "The graphs of one signature, or None (with a warning) where capturing fails: the compiled call serves it."
+        if not self.hooks:
+            self.hooks = [p.register_hook(torch.clone) for p in self.block.parameters() if p.requires_grad]
+        region = _Region(self.block, self.call, spec, consts)
+        sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
+        cached = torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled()
+        # The forward hooks (transformers records hidden states with them) run once, on the replay's output, not on
+        # the capture's warm-up calls: emptied meanwhile, in place (the compiled call guards on that dict).
+        hooks = dict(self.block._forward_hooks)
+        self.block._forward_hooks.clear()
+        try:
+            # Each capture gets a memory pool of its own: the activations its forward saves for its backward are free
+            # in the pool once the capture ends, and a later capture sharing the pool could put its own there, which
+            # its replay would overwrite between this forward and backward.
+            with (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False) if cached
+                  else nullcontext()):
+                graphed = torch.cuda.make_graphed_callables(region, sample, allow_unused_input=True)
+        except Exception as e:  # an operation that cannot be captured (a host sync in the region, say)
+            warnings.warn(f"CUDA graph capture of {type(self.block).__name__} failed ({type(e).__name__}: {e}); "
+                          "its calls of this signature run the compiled region", stacklevel=3)
+            return None
+        finally:
+            self.block._forward_hooks.update(hooks)
+        return {"graphed": graphed, "pending": False, "params": tuple(p.data_ptr() for p in self.block.parameters())}
+
+
+def graph_regions(model: nn.Module, on: bool = True) -> int:
+    """Replay the training calls of every compiled region of `model` (`Module.compile`: `compile_blocks`) from CUDA
+    graphs (`GraphedCall`), or, with `on=False`, stop. Returns the number of regions."""
+    n = 0
+    for m in model.modules():
+        call = m._compiled_call_impl  # where Module.compile puts the compiled call (what Module.__call__ runs)
+        if call is None:
+            continue
+        if isinstance(call, GraphedCall):
+            call.release()
+            call = call.call
+        m._compiled_call_impl = GraphedCall(m, call) if on else call
+        n += 1
+    return n
+
 
 # %% ../nbs/14_backbone.ipynb #f3c9ca56
 @patch

@@ -21,6 +21,7 @@ from .dataset import ECoTRLDSDataset, heldout_samples, make_dataloader
 from .lerobot import LeRobotECoTDataset
 from .lerobot_writer import embedded_lerobot_dataset
 from .action_head import ActionHeadConfig
+from .backbone import graph_regions
 from .eos import EOSConfig, EOSHook
 from .hooks import TrainerHook
 from .inference import ActingSpec
@@ -121,13 +122,14 @@ def build_policy(cfg: Config, processor, dataset_statistics: Optional[dict] = No
         config=PolicyConfig.from_config(cfg),
         action_head=ActionHeadConfig.from_section(am, with_state=cfg.ecot.load_proprio),
         eos=EOSConfig.from_section(am), dataset_statistics=dataset_statistics, acting=acting_spec(cfg))
-    compile_model(policy, f.qwenvl.compile)
+    compile_model(policy, f.qwenvl.compile, f.qwenvl.cuda_graphs)
     return policy
 
 
-def compile_model(policy: ECoTPolicy, compile="auto") -> bool:
+def compile_model(policy: ECoTPolicy, compile="auto", cuda_graphs: bool = False) -> bool:
     """`framework.qwenvl.compile`: torch.compile the decoder layers (stage-0 passes), the latent column step and the
-    action head's DiT blocks.
+    action head's DiT blocks; with `cuda_graphs` (`framework.qwenvl.cuda_graphs`) their training calls replay CUDA
+    graphs on a GPU (`ecot.backbone.graph_regions`).
 
     `auto` compiles on CUDA only (on a CPU the compile time outweighs the gain for the tiny default)."""
     on = torch.cuda.is_available() if compile == "auto" else bool(compile)
@@ -135,6 +137,7 @@ def compile_model(policy: ECoTPolicy, compile="auto") -> bool:
     if on:
         policy.backbone.compile_blocks()
         policy.action_head.compile_blocks()
+        graph_regions(policy, cuda_graphs)
     return on
 
 

@@ -107,6 +107,8 @@ class QwenVLConfig(Section):
     # shape of the `tiny` preset (keys of ecot.backbone.tiny_qwen3vl_config), e.g. Qwen3-VL-2B's
     tiny_shape: dict[str, Any] = {}
     compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile the decoder layers; auto: on CUDA
+    # the compiled regions' training calls replayed from CUDA graphs (ecot.backbone.graph_regions); only when compiled
+    cuda_graphs: bool = False
 
 # %% ../nbs/00_config.ipynb #f5464fd1
 class ActionModelConfig(Section):

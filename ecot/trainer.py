@@ -29,7 +29,7 @@ import tempfile
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from accelerate import Accelerator, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+from accelerate import Accelerator, AutocastKwargs, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
 from accelerate.utils import DDPCommunicationHookType, DistributedType, gather_object
 from fastcore.basics import patch
 from safetensors.torch import load_model, save_model
@@ -409,7 +409,9 @@ class Trainer:
         ddp = DistributedDataParallelKwargs(find_unused_parameters=any(h.unused_parameters for h in self.hooks),
                                             bucket_cap_mb=cfg.trainer.ddp_bucket_cap_mb,
                                             comm_hook=DDPCommunicationHookType(cfg.trainer.ddp_comm_hook))
-        self.acc = accelerator or make_accelerator(mp, [ddp])
+        # CUDA graphs of the compiled regions cannot use autocast's cache of cast weights (ecot.backbone.GraphedCall)
+        graphs = [AutocastKwargs(cache_enabled=False)] if cfg.framework.qwenvl.cuda_graphs else []
+        self.acc = accelerator or make_accelerator(mp, [ddp, *graphs])
         if cfg.trainer.ddp_comm_hook == "bf16" and self.acc.distributed_type == DistributedType.MULTI_CPU:
             raise ValueError("trainer.ddp_comm_hook = 'bf16' needs GPUs (NCCL): processes on CPUs all-reduce through "
                              "gloo, which has no bfloat16 sum; set it to 'no'")

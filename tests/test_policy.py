@@ -315,6 +315,54 @@ def test_compiled_blocks_reuse_one_graph_across_lengths_and_batch_sizes():
     assert stats["unique_graphs"] == 3, dict(stats)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cuda_graphs_train_like_compiled(autocast):
+    """Training steps whose compiled regions replay CUDA graphs (`cuda_graphs`) give the compiled steps' losses and
+    gradients: over two sequence lengths (two signatures), a latent batch (its cached passes run the compiled call),
+    a second forward before the backward (CRaFT's pattern: the second one runs the compiled call), and gradients
+    accumulated over two micro-batches; under bf16 autocast (its weight cache off) as the trainer runs it on a GPU."""
+    from ecot.build import compile_model
+    # (suffix lengths, stage, micro-batches: "once", "twice" = two forwards then one backward, "accum" = two backwards)
+    plan = [((4, 4, 4), 0, "once"), ((9, 9, 9), 0, "once"), ((4, 4, 4), 0, "once"), ((4, 4, 4), 0, "twice"),
+            ((4, 4, 4), 1, "once"), ((9, 9, 9), 0, "accum"), ((4, 4, 4), 0, "once")]
+    runs = {}
+    for graphs in (False, True):
+        pol = _policy().cuda().train()
+        compile_model(pol, True, cuda_graphs=graphs)
+        torch.manual_seed(1)
+        losses, grads = [], []
+        for suffix, stage, how in plan:
+            batch = lambda s: {k: v.cuda() if torch.is_tensor(v) else v for k, v in toy_batch(
+                pol.backbone.vlm, stage=stage, suffix_lens=s, think_counts=(2, 0, 3) if stage else (0,) * 3).items()}
+            with torch.autocast("cuda", torch.bfloat16, enabled=autocast, cache_enabled=False):
+                loss = pol(batch(suffix))["total_loss"]
+                if how == "twice":
+                    loss = loss + 0.5 * pol(batch(suffix))["total_loss"]
+            loss.backward()
+            if how == "accum":
+                with torch.autocast("cuda", torch.bfloat16, enabled=autocast, cache_enabled=False):
+                    extra = pol(batch((4, 4, 4)))["total_loss"]
+                extra.backward()
+                loss = loss + extra
+            losses.append(loss.item())
+            grads.append(torch.cat([p.grad.flatten() for p in pol.parameters() if p.grad is not None]))
+            with torch.no_grad():
+                for p in pol.parameters():
+                    if p.grad is not None:
+                        p -= 0.01 * p.grad
+            pol.zero_grad(set_to_none=True)
+        captured = sum(len(m._compiled_call_impl.graphs) for m in pol.modules()
+                       if m._compiled_call_impl is not None and hasattr(m._compiled_call_impl, "graphs"))
+        runs[graphs] = losses, grads, captured
+    (l0, g0, _), (l1, g1, captured) = runs[False], runs[True]
+    assert captured >= 2 * 2 + 2 + 2 * 2, captured  # decoder layers x 2 lengths, vision blocks, DiT blocks x 2 lengths
+    tol = dict(rtol=2e-2, atol=1e-3) if autocast else dict(rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(l1, l0, **tol)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_decoding_stops_where_training_rows_were_cut(processor):
     "Text never runs past model_max_length: training cut its rows there, so the policy never saw longer ones."
     from dataclasses import replace
