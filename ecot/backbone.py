@@ -332,7 +332,8 @@ class QwenVLBackbone(nn.Module):
         return out
 
 # %% ../nbs/14_backbone.ipynb #04a7fdba
-MAX_GRAPHED_SIGNATURES = 4  # per region: each signature's graphs hold that signature's activations for good
+# per region: each signature's graphs hold its activations and a buffer per parameter gradient for good
+MAX_GRAPHED_SIGNATURES = 4
 
 
 class _Region(nn.Module):
