@@ -15,8 +15,7 @@ import types
 
 import torch
 
-from ecot.backbone import QwenVLBackbone, build_qwen3vl, tiny_qwen3vl_config
-from ecot.backbone import graph_regions
+from ecot.backbone import QwenVLBackbone, build_qwen3vl, graph_regions, tiny_qwen3vl_config
 from ecot.build import compile_model
 from ecot.reference import compare_latent_to_reference, loop_latent_forward, reference_latent_forward
 from ecot.testing import ToyTokenizer, float64_rmsnorm, toy_batch

@@ -405,8 +405,8 @@ class GraphedCall:
         entry = self.graphs.get(key)
         if key not in self.graphs and len(self.graphs) < MAX_GRAPHED_SIGNATURES:
             entry = self.graphs[key] = self._capture(spec, consts, tensors)
-        params = tuple(p.data_ptr() for p in self.block.parameters())
-        if entry is None or entry["pending"] or entry["params"] != params:
+        if (entry is None or entry["pending"]
+                or entry["params"] != tuple(p.data_ptr() for p in self.block.parameters())):
             return self.call(*args, **kwargs)
         out = entry["graphed"](*tensors)
         first = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad), None)
