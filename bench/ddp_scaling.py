@@ -80,7 +80,8 @@ def summary(run_dir: Path, skip: int) -> dict:
             "wall_s": wall, "window_median": statistics.median(windows), "window_min": min(windows),
             "window_max": max(windows), "recompiles": b.get("compiled_graphs", 0) - a.get("compiled_graphs", 0),
             "data_share": data / (data + model), "data_ms": 1e3 * data, "model_ms": 1e3 * model,
-            "peak_memory_gib": max((r.get("peak_memory_gib", float("nan")) for r in span), default=float("nan"))}
+            **{k: max((r.get(k, float("nan")) for r in span), default=float("nan"))
+               for k in ("peak_memory_gib", "peak_reserved_gib")}}
 
 
 def records(run_dir: Path) -> dict:
@@ -198,12 +199,12 @@ def main():
             resume_on(max(a.nproc), m, out, a)
     base = res[min(res)]
     print(f"\n{'processes':>9} {'samples/s (span)':>17} {'windows: median, range':>24} {'recompiles':>10} "
-          f"{'scaling efficiency':>19} {'data wait / step':>17} {'peak GiB':>9}")
+          f"{'scaling efficiency':>19} {'data wait / step':>17} {'peak GiB':>9} {'reserved':>9}")
     for n, r in res.items():
         eff = r["samples_per_s"] / (n / min(res) * base["samples_per_s"])
         rng = f"{r['window_median']:.1f}, {r['window_min']:.1f}-{r['window_max']:.1f}"
         print(f"{n:>9} {r['samples_per_s']:>17.1f} {rng:>24} {r['recompiles']:>10} {eff:>18.1%} {r['data_share']:>16.1%} "
-              f"{r['peak_memory_gib']:>9.1f}")
+              f"{r['peak_memory_gib']:>9.1f} {r['peak_reserved_gib']:>9.1f}")
     print(f"layout {a.layout}; targets: scaling efficiency >= 90% (2 and 8 GPUs); data wait < 5% of the step")
 
 

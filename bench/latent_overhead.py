@@ -60,7 +60,9 @@ def make_batch(vlm, n: int, batch: int, tokens: int, image: int, device):
 
 def time_step(policy, batch, steps: int, device, max_warmup: int = 6):
     """Training steps (forward, backward, AdamW) on `batch`: warmed up until nothing new compiles, then `steps` timed.
-    Returns (median and mean seconds, peak memory of the timed steps, the forward's path)."""
+    Returns (median and mean seconds, peak memory of the timed steps: (allocated, reserved) bytes, the forward's path).
+    Reserved counts what the allocator holds, CUDA graphs' private pools included (their activations are not
+    allocated between replays); the cache is emptied first, so that it is this mode's own."""
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5,
                             fused=device.type == "cuda")
     path = []
@@ -73,9 +75,9 @@ def time_step(policy, batch, steps: int, device, max_warmup: int = 6):
 
     warm_up(step, device, max_warmup)
     if device.type == "cuda":
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     times = time_calls(step, device, steps, max_warmup=0)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    peak = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if device.type == "cuda" else (0, 0)
     del opt
     return stats(times), peak, path[0]
 
@@ -171,7 +173,7 @@ def main():
     if a.check:
         check_exactness(policy, device, max(a.n))
     rows = []
-    base_t, base_m, _ = time_step(policy, make_batch(vlm, 0, a.batch, a.tokens, a.image, device), a.steps, device)
+    base_t, (base_m, _), _ = time_step(policy, make_batch(vlm, 0, a.batch, a.tokens, a.image, device), a.steps, device)
     L = make_batch(vlm, 0, a.batch, a.tokens, a.image, device)["input_ids"].shape[1]
     print(f"stage 0: median {base_t['median'] * 1e3:.1f} ms/step, mean {base_t['mean'] * 1e3:.1f} ({base_t['n']} steps), "
           f"peak {base_m / 2**30:.2f} GiB, batch {a.batch} x {L} tokens ({a.preset}, {dtype}, "
@@ -180,17 +182,17 @@ def main():
     kv_forward = policy.backbone.forward
     for n in a.n:
         batch = make_batch(vlm, n, a.batch, a.tokens, a.image, device)
-        t, m, path = time_step(policy, batch, a.steps, device)
+        t, (m, _), path = time_step(policy, batch, a.steps, device)
         assert path == "latent", path
         row = {"n": n, "latent": ratio(t), "latent_mem": m / base_m if base_m else float("nan")}
         if not a.no_loop:
             policy.backbone.forward = types.MethodType(loop_latent_forward, policy.backbone)
-            tl, ml, _ = time_step(policy, batch, a.steps, device)
+            tl, (ml, _), _ = time_step(policy, batch, a.steps, device)
             policy.backbone.forward = kv_forward
             row.update(loop=ratio(tl), loop_mem=ml / base_m if base_m else float("nan"))
         if not a.no_naive:
             policy.backbone.forward = types.MethodType(reference_latent_forward, policy.backbone)
-            tn, mn, _ = time_step(policy, batch, a.steps, device)
+            tn, (mn, _), _ = time_step(policy, batch, a.steps, device)
             policy.backbone.forward = kv_forward
             row.update(naive=ratio(tn), naive_mem=mn / base_m if base_m else float("nan"))
         rows.append(row)

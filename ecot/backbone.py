@@ -29,10 +29,11 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb,
 from .config import TINY_VLM  # the `framework.qwenvl.base_vlm` value of the tiny preset
 
 # %% auto #0
-__all__ = ['VISION_TOKENS', 'MAX_GRAPHED_SIGNATURES', 'vlm_token_ids', 'mrope_section_for', 'tiny_qwen3vl_config',
-           'resolve_attn_implementation', 'build_qwen3vl', 'resize_for_tokenizer', 'BackboneOutput', 'causal_lm_loss',
-           'column_layer', 'column_stack', 'region_compile_options', 'compiled_column_step', 'frames_attention',
-           'QwenVLBackbone', 'GraphedCall', 'graph_regions', 'layer_column']
+__all__ = ['VISION_TOKENS', 'MAX_GRAPHED_SIGNATURES', 'GRAPH_FREE_FRACTION', 'vlm_token_ids', 'mrope_section_for',
+           'tiny_qwen3vl_config', 'resolve_attn_implementation', 'build_qwen3vl', 'resize_for_tokenizer',
+           'BackboneOutput', 'causal_lm_loss', 'column_layer', 'column_stack', 'region_compile_options',
+           'compiled_column_step', 'frames_attention', 'QwenVLBackbone', 'graph_memory_room', 'GraphedCall',
+           'graph_regions', 'layer_column']
 
 # %% ../nbs/14_backbone.ipynb #543c5e51
 VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -334,6 +335,16 @@ class QwenVLBackbone(nn.Module):
 # %% ../nbs/14_backbone.ipynb #04a7fdba
 # per region: each signature's graphs hold its activations and a buffer per parameter gradient for good
 MAX_GRAPHED_SIGNATURES = 4
+# and all regions together: a new signature is captured only while this share of the device's memory is free (the
+# 2B-shaped step at batch 16 reserves 19 GiB more with one signature graphed, and 28 GiB more with a second)
+GRAPH_FREE_FRACTION = 0.25
+
+
+def graph_memory_room(device) -> bool:
+    """Whether `device` has room for another signature's graphs: `GRAPH_FREE_FRACTION` of its memory not reserved by
+    anything (memory the allocator caches is not counted: the training step's own peak needs it back)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return free >= GRAPH_FREE_FRACTION * total
 
 
 class _Region(nn.Module):
@@ -361,9 +372,10 @@ class GraphedCall:
 
     Everything else runs the compiled call as before: calls outside training or without gradients (evaluation,
     inference, CRaFT's θ0 pass), arguments that are neither tensors nor plain constants (a KV cache), hooks other
-    than forward hooks (which are run), parameters that moved since the capture, more than `MAX_GRAPHED_SIGNATURES`
-    signatures, and a second call with one signature before the first one's backward (CRaFT's retention pass
-    beside the policy's), since its activations live in the graph's memory. For the same reason the outputs alias
+    than forward hooks (which are run), parameters that moved since the capture, signatures beyond
+    `MAX_GRAPHED_SIGNATURES` or first seen with the device short of memory (`graph_memory_room`), and a second call
+    with one signature before the first one's backward (CRaFT's retention pass beside the policy's), since its
+    activations live in the graph's memory. For the same reason the outputs alias
     that memory until the signature's next replay: nothing in a training step keeps them longer.
 
     The parameters' gradients also come out in the graph's memory, and autograd would make one the parameter's
@@ -424,7 +436,13 @@ class GraphedCall:
         entry["pending"] = False
 
     def _capture(self, spec, consts, tensors) -> Optional[dict]:
-        "The graphs of one signature, or None (with a warning) where capturing fails: the compiled call serves it."
+        """The graphs of one signature, or None (with a warning) where the device is short of memory or capturing
+        fails: the compiled call serves it."""
+        if not graph_memory_room(tensors[0].device):
+            warnings.warn(f"CUDA graphs: under {GRAPH_FREE_FRACTION:.0%} of the device's memory free, so shapes seen "
+                          "from now on run the compiled regions (bench/README.md: memory of graphed signatures)",
+                          stacklevel=3)
+            return None
         if not self.hooks:
             self.hooks = [p.register_hook(torch.clone) for p in self.block.parameters() if p.requires_grad]
         region = _Region(self.block, self.call, spec, consts)

@@ -942,7 +942,8 @@ def _reduce(self: Trainer) -> dict:
     """The window's record (`MetricsWindow.reduce`): means across ranks, `*_count` metrics summed (the model's
     `derived_metrics(record)`, if it has one, turns them into rates), throughput over all ranks, the wall time
     since training began (`wall_s`), the graphs compiled so far (`compiled_graphs`) and the last checkpoint's blocking
-    time and its time until it counted (`checkpoint_s`, `checkpoint_write_s`) and, on a GPU, the peak memory so far (`peak_memory_gib`)."""
+    time and its time until it counted (`checkpoint_s`, `checkpoint_write_s`) and, on a GPU, the peak memory so far (`peak_memory_gib`;
+    `peak_reserved_gib`, what the allocator holds, CUDA graphs' private pools included)."""
     acc = self.acc
     reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
     rec = self._window.reduce({"step": self.step, "stage": self.stage, "epoch": self.epoch}, acc.device, reduce_sum,
@@ -954,6 +955,7 @@ def _reduce(self: Trainer) -> dict:
     rec["compiled_graphs"] = int(dynamo_counters["stats"]["unique_graphs"])
     if acc.device.type == "cuda":  # this rank's peak so far: what the layout (DDP or FSDP) costs in memory
         rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+        rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(acc.device) / 2**30
     if self.save_seconds is not None:  # a checkpoint was saved since the last record: how long every rank waited
         rec["checkpoint_s"], self.save_seconds = self.save_seconds, None
     if self.write_seconds is not None:  # and one completed: how long until it counted
