@@ -380,7 +380,8 @@ class GraphedCall:
 
     The parameters' gradients also come out in the graph's memory, and autograd would make one the parameter's
     `.grad` (it takes a gradient it holds the only reference to), which the next replay overwrites: accumulation
-    over micro-batches would lose all but the last. A hook on each parameter hands autograd a copy instead.
+    over micro-batches would lose all but the last (pytorch/pytorch#181723). A hook on each parameter hands autograd a
+    copy instead.
     Under autocast, its weight cache must be off (`cache_enabled=False`, what the trainer sets with
     `framework.qwenvl.cuda_graphs`): graphs cannot use it, and turning it off for a capture recompiles the region."""
 
