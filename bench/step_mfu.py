@@ -67,8 +67,9 @@ def main():
         if mode == "graphed" and a.second_width:  # each signature holds its activations in its graphs' pools
             longer = make_batch(policy.backbone.vlm, 0, a.batch, a.tokens + a.second_width, a.image, device)
             _, (_, two), _ = time_step(policy, longer, 2, device, max_warmup=2)
+            _, (_, one), _ = results[mode]
             print(f"graphed, a second signature ({a.second_width} tokens longer): peak reserved "
-                  f"{two / 2**30:.1f} GiB, against {results[mode][1][1] / 2**30:.1f} GiB with one", flush=True)
+                  f"{two / 2**30:.1f} GiB, against {one / 2**30:.1f} GiB with one", flush=True)
         if a.profile:
             profile_step(policy, batch, device, rows=25)
     ceiling = matmul_tflops(device)

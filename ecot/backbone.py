@@ -375,14 +375,13 @@ class GraphedCall:
     than forward hooks (which are run), parameters that moved since the capture, signatures beyond
     `MAX_GRAPHED_SIGNATURES` or first seen with the device short of memory (`graph_memory_room`), and a second call
     with one signature before the first one's backward (CRaFT's retention pass beside the policy's), since its
-    activations live in the graph's memory. For the same reason the outputs alias
-    that memory until the signature's next replay: nothing in a training step keeps them longer.
+    activations live in the graph's memory. For the same reason the outputs alias that memory until the signature's
+    next replay: nothing in a training step keeps them longer.
 
     The parameters' gradients also come out in the graph's memory, and autograd would make one the parameter's
     `.grad` (it takes a gradient it holds the only reference to), which the next replay overwrites: accumulation
     over micro-batches would lose all but the last (pytorch/pytorch#181723). A hook on each parameter hands autograd a
-    copy instead.
-    Under autocast, its weight cache must be off (`cache_enabled=False`, what the trainer sets with
+    copy instead. Under autocast, its weight cache must be off (`cache_enabled=False`, what the trainer sets with
     `framework.qwenvl.cuda_graphs`): graphs cannot use it, and turning it off for a capture recompiles the region."""
 
     def __init__(self, block: nn.Module, call):

@@ -942,8 +942,8 @@ def _reduce(self: Trainer) -> dict:
     """The window's record (`MetricsWindow.reduce`): means across ranks, `*_count` metrics summed (the model's
     `derived_metrics(record)`, if it has one, turns them into rates), throughput over all ranks, the wall time
     since training began (`wall_s`), the graphs compiled so far (`compiled_graphs`) and the last checkpoint's blocking
-    time and its time until it counted (`checkpoint_s`, `checkpoint_write_s`) and, on a GPU, the peak memory so far (`peak_memory_gib`;
-    `peak_reserved_gib`, what the allocator holds, CUDA graphs' private pools included)."""
+    time and its time until it counted (`checkpoint_s`, `checkpoint_write_s`) and, on a GPU, the peak memory so far
+    (`peak_memory_gib`; `peak_reserved_gib`, what the allocator holds, CUDA graphs' private pools included)."""
     acc = self.acc
     reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if acc.num_processes > 1 else None
     rec = self._window.reduce({"step": self.step, "stage": self.stage, "epoch": self.epoch}, acc.device, reduce_sum,
