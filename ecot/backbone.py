@@ -347,17 +347,28 @@ def graph_memory_room(device) -> bool:
     return free >= GRAPH_FREE_FRACTION * total
 
 
-class _Region(nn.Module):
-    "What `make_graphed_callables` captures: the compiled call of `block`, tensors in, the constants put back."
-    def __init__(self, block: nn.Module, call, spec, consts: dict):
-        super().__init__()
-        self.block, self.call, self.spec, self.consts = block, call, spec, consts  # block: its parameters are the graph's
+class _Region:
+    """What `make_graphed_callables` captures: the compiled call of `block` as a function of tensors only (the call's,
+    then one per parameter of `block`), its other arguments put back.
 
-    def forward(self, *tensors):
-        it = iter(tensors)
+    The capture runs it on stand-ins of the parameters (new leaves sharing their storage) and each replay passes the
+    parameters themselves, so their gradients reach them (and DDP) as in any backward. Capturing against the
+    parameters would not work under DDP: it holds their gradient accumulators, made on the default stream, and a
+    captured backward reaching one syncs with that stream, which invalidates the capture."""
+    def __init__(self, block: nn.Module, spec, consts: dict):
+        self.block, self.spec, self.consts = block, spec, consts
+        self.names = [n for n, _ in block.named_parameters()]
+
+    def stand_ins(self) -> tuple:
+        return tuple(nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in self.block.parameters())
+
+    def __call__(self, *tensors):
+        n = len(tensors) - len(self.names)
+        it = iter(tensors[:n])
         leaves = [self.consts[i] if i in self.consts else next(it) for i in range(self.spec.num_leaves)]
         args, kwargs = tree_unflatten(leaves, self.spec)
-        return self.call(*args, **kwargs)
+        # the block's call (GraphedCall passes it through to the compiled call while capturing) on the stand-ins
+        return torch.func.functional_call(self.block, dict(zip(self.names, tensors[n:])), args, kwargs)
 
 
 class GraphedCall:
@@ -385,7 +396,7 @@ class GraphedCall:
     `framework.qwenvl.cuda_graphs`): graphs cannot use it, and turning it off for a capture recompiles the region."""
 
     def __init__(self, block: nn.Module, call):
-        self.block, self.call, self.graphs, self.hooks = block, call, {}, []
+        self.block, self.call, self.graphs, self.hooks, self.capturing = block, call, {}, [], False
 
     def release(self):
         "Drop the graphs and the gradient hooks (`graph_regions(..., on=False)`)."
@@ -407,6 +418,8 @@ class GraphedCall:
                         for v in leaves if not isinstance(v, torch.Tensor)))
 
     def __call__(self, *args, **kwargs):
+        if self.capturing:  # the capture's own calls of the block (_Region)
+            return self.call(*args, **kwargs)
         leaves, spec = tree_flatten((args, kwargs))
         if not self._replayable(leaves, kwargs):
             return self.call(*args, **kwargs)
@@ -420,7 +433,7 @@ class GraphedCall:
         if (entry is None or entry["pending"]
                 or entry["params"] != tuple(p.data_ptr() for p in self.block.parameters())):
             return self.call(*args, **kwargs)
-        out = entry["graphed"](*tensors)
+        out = entry["graphed"](*tensors, *self.block.parameters())
         first = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad), None)
         if first is not None:  # the graph's activations are in use until the backward reaches this output
             entry["pending"] = True
@@ -445,13 +458,14 @@ class GraphedCall:
             return None
         if not self.hooks:
             self.hooks = [p.register_hook(torch.clone) for p in self.block.parameters() if p.requires_grad]
-        region = _Region(self.block, self.call, spec, consts)
-        sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
+        region = _Region(self.block, spec, consts)
+        sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors) + region.stand_ins()
         cached = torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled()
         # The forward hooks (transformers records hidden states with them) run once, on the replay's output, not on
         # the capture's warm-up calls: emptied meanwhile, in place (the compiled call guards on that dict).
         hooks = dict(self.block._forward_hooks)
         self.block._forward_hooks.clear()
+        self.capturing = True
         try:
             # Each capture gets a memory pool of its own: the activations its forward saves for its backward are free
             # in the pool once the capture ends, and a later capture sharing the pool could put its own there, which
@@ -464,6 +478,7 @@ class GraphedCall:
                           "its calls of this signature run the compiled region", stacklevel=3)
             return None
         finally:
+            self.capturing = False
             self.block._forward_hooks.update(hooks)
         return {"graphed": graphed, "pending": False, "params": tuple(p.data_ptr() for p in self.block.parameters())}
 
