@@ -63,7 +63,8 @@ def launch(nproc: int, run_dir: Path, a, resume: tuple = ()) -> None:
 
 
 def summary(run_dir: Path, skip: int) -> dict:
-    "Whole-span throughput (steps after `skip` over their wall time), window spread, recompiles and data share of one run."
+    """Whole-span throughput (steps after `skip` over their wall time), window spread, recompiles (and CUDA graph captures)
+    and data share of one run."""
     from ecot.metrics import read_metrics
     recs = [r for r in read_metrics(run_dir) if "samples_per_s" in r]
     start = [r for r in recs if r["step"] <= skip]
@@ -81,7 +82,10 @@ def summary(run_dir: Path, skip: int) -> dict:
             "window_max": max(windows), "recompiles": b.get("compiled_graphs", 0) - a.get("compiled_graphs", 0),
             "data_share": data / (data + model), "data_ms": 1e3 * data, "model_ms": 1e3 * model,
             **{k: max((r.get(k, float("nan")) for r in span), default=float("nan"))
-               for k in ("peak_memory_gib", "peak_reserved_gib")}}
+               for k in ("peak_memory_gib", "peak_reserved_gib")},
+            # with CUDA graphs: signatures captured (each stalls the span as a recompile does) or refused inside it
+            **{f"graph_{k}_in_span": b[f"graph_{k}"] - a[f"graph_{k}"] for k in ("captured", "refused", "failed")
+               if f"graph_{k}" in b}}
 
 
 def records(run_dir: Path) -> dict:

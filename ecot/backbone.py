@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import warnings
+from collections import Counter
 from contextlib import nullcontext
 from functools import partial
 from dataclasses import dataclass
@@ -29,11 +30,11 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb,
 from .config import TINY_VLM  # the `framework.qwenvl.base_vlm` value of the tiny preset
 
 # %% auto #0
-__all__ = ['VISION_TOKENS', 'MAX_GRAPHED_SIGNATURES', 'GRAPH_FREE_FRACTION', 'vlm_token_ids', 'mrope_section_for',
-           'tiny_qwen3vl_config', 'resolve_attn_implementation', 'build_qwen3vl', 'resize_for_tokenizer',
-           'BackboneOutput', 'causal_lm_loss', 'column_layer', 'column_stack', 'region_compile_options',
-           'compiled_column_step', 'frames_attention', 'QwenVLBackbone', 'graph_memory_room', 'GraphedCall',
-           'graph_regions', 'layer_column']
+__all__ = ['VISION_TOKENS', 'MAX_GRAPHED_SIGNATURES', 'GRAPH_FREE_FRACTION', 'GRAPH_CAPTURES', 'vlm_token_ids',
+           'mrope_section_for', 'tiny_qwen3vl_config', 'resolve_attn_implementation', 'build_qwen3vl',
+           'resize_for_tokenizer', 'BackboneOutput', 'causal_lm_loss', 'column_layer', 'column_stack',
+           'region_compile_options', 'compiled_column_step', 'frames_attention', 'QwenVLBackbone', 'graph_memory_room',
+           'GraphedCall', 'graph_regions', 'layer_column']
 
 # %% ../nbs/14_backbone.ipynb #543c5e51
 VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -338,6 +339,9 @@ MAX_GRAPHED_SIGNATURES = 4
 # and all regions together: a new signature is captured only while this share of the device's memory is free (the
 # 2B-shaped step at batch 16 reserves 19 GiB more with one signature graphed, and 28 GiB more with a second)
 GRAPH_FREE_FRACTION = 0.25
+# signatures captured so far in this process, all regions together, and those refused (short of memory) or failed:
+# the trainer logs them (`graph_captured`, ...), since a capture inside a timed span slows it as a recompile does
+GRAPH_CAPTURES = Counter()
 
 
 def graph_memory_room(device) -> bool:
@@ -455,6 +459,7 @@ class GraphedCall:
             warnings.warn(f"CUDA graphs: under {GRAPH_FREE_FRACTION:.0%} of the device's memory free, so shapes seen "
                           "from now on run the compiled regions (bench/README.md: memory of graphed signatures)",
                           stacklevel=3)
+            GRAPH_CAPTURES["refused"] += 1
             return None
         if not self.hooks:
             self.hooks = [p.register_hook(torch.clone) for p in self.block.parameters() if p.requires_grad]
@@ -476,10 +481,12 @@ class GraphedCall:
         except Exception as e:  # an operation that cannot be captured (a host sync in the region, say)
             warnings.warn(f"CUDA graph capture of {type(self.block).__name__} failed ({type(e).__name__}: {e}); "
                           "its calls of this signature run the compiled region", stacklevel=3)
+            GRAPH_CAPTURES["failed"] += 1
             return None
         finally:
             self.capturing = False
             self.block._forward_hooks.update(hooks)
+        GRAPH_CAPTURES["captured"] += 1
         return {"graphed": graphed, "pending": False, "params": tuple(p.data_ptr() for p in self.block.parameters())}
 
 

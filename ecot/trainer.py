@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .backbone import GRAPH_CAPTURES
 from .config import REMOVED_KEYS, Config, save_config
 from .hooks import TrainerHook, is_sharded, local
 from .metrics import MetricsWindow, read_metrics, scalars
@@ -941,7 +942,8 @@ def _log(self: Trainer, outs: list[dict], own: dict, logger):
 def _reduce(self: Trainer) -> dict:
     """The window's record (`MetricsWindow.reduce`): means across ranks, `*_count` metrics summed (the model's
     `derived_metrics(record)`, if it has one, turns them into rates), throughput over all ranks, the wall time
-    since training began (`wall_s`), the graphs compiled so far (`compiled_graphs`) and the last checkpoint's blocking
+    since training began (`wall_s`), the graphs compiled so far (`compiled_graphs`; with `framework.qwenvl.cuda_graphs`
+    also the signatures captured, refused and failed so far: `graph_captured`, ...) and the last checkpoint's blocking
     time and its time until it counted (`checkpoint_s`, `checkpoint_write_s`) and, on a GPU, the peak memory so far
     (`peak_memory_gib`; `peak_reserved_gib`, what the allocator holds, CUDA graphs' private pools included)."""
     acc = self.acc
@@ -953,6 +955,8 @@ def _reduce(self: Trainer) -> dict:
     # (one compiled after warm-up is a recompile: new shapes, and every rank waits for it)
     rec["wall_s"] = time.perf_counter() - self._train_start
     rec["compiled_graphs"] = int(dynamo_counters["stats"]["unique_graphs"])
+    if self.cfg.framework.qwenvl.cuda_graphs:  # and the regions' CUDA graph captures so far (ecot.backbone.GraphedCall)
+        rec.update({f"graph_{k}": GRAPH_CAPTURES[k] for k in ("captured", "refused", "failed")})
     if acc.device.type == "cuda":  # this rank's peak so far: what the layout (DDP or FSDP) costs in memory
         rec["peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved(acc.device) / 2**30
