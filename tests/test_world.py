@@ -2,10 +2,10 @@
 
 The world of `ecot.synthetic` at the scale where the tiny policy learns it on a CPU: 1,000 training scenes at 192 px,
 the whole dataset shuffled (the tiny config's default), no reasoning, 8,000 steps of batch 16 with the config's seed
-on one thread: 21 minutes on a 2-core machine, the longest test here. Training on the CPU is deterministic, so a machine of the
-same kind reproduces the figures of `bench/README.md` (*World learnability*, 8,000 steps, seed 42). Scored by
-`bench/world_learnability.py` on 200 frames of the validation split through the inference path (the policy's expected
-chunk), against baselines fitted on the training split only."""
+on one thread: 21 minutes on a 2-core machine, the longest test here. Training on the CPU is deterministic, so a
+machine of the same kind reproduces the figures of `bench/README.md` (*World learnability*, 8,000 steps, seed 42).
+Scored by `bench/world_learnability.py` on 200 frames of the validation split through the inference path (the
+policy's expected chunk), against baselines fitted on the training split only."""
 import json
 import subprocess
 import sys
