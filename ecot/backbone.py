@@ -434,10 +434,10 @@ class GraphedCall:
         entry = self.graphs.get(key)
         if key not in self.graphs and len(self.graphs) < MAX_GRAPHED_SIGNATURES:
             entry = self.graphs[key] = self._capture(spec, consts, tensors)
-        if (entry is None or entry["pending"]
-                or entry["params"] != tuple(p.data_ptr() for p in self.block.parameters())):
+        params = tuple(self.block.parameters())
+        if entry is None or entry["pending"] or entry["params"] != tuple(p.data_ptr() for p in params):
             return self.call(*args, **kwargs)
-        out = entry["graphed"](*tensors, *self.block.parameters())
+        out = entry["graphed"](*tensors, *params)
         first = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad), None)
         if first is not None:  # the graph's activations are in use until the backward reaches this output
             entry["pending"] = True
