@@ -145,38 +145,14 @@ def profile_step(policy, batch, device, rows: int = 14):
               f"({wall:.1f} ms wall under the profiler)", flush=True)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="2b", choices=sorted(PRESETS))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=350)
-    ap.add_argument("--image", type=int, default=224)
-    ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per case, after warm-up until nothing compiles")
-    ap.add_argument("--no-naive", action="store_true", help="skip the naive full-recompute reference")
-    ap.add_argument("--no-loop", action="store_true", help="skip the Coconut-style loop (ecot.reference.loop_latent_forward)")
-    ap.add_argument("--mode", choices=("auto", "compiled", "graphed", "eager"), default="auto",
-                    help="every case compiled as training compiles it (graphed: and its compiled regions replayed from "
-                         "CUDA graphs), or every case eager (auto: compiled on CUDA)")
-    ap.add_argument("--check", action="store_true", help="first compare both KV paths with the reference on the device")
-    ap.add_argument("--profile", action="store_true", help="profile one latent step at the largest n")
-    a = ap.parse_args()
-    device = torch.device(a.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    policy, _ = build_policy(a.preset, device, dtype)
-    policy.train()
+def run_cases(policy, a, device, label: str) -> list:
+    "The stage-0 step, then the latent step at each n (and the loop and naive references), as ratios to it."
     vlm = policy.backbone.vlm
-    compiled = set_mode(policy, a.mode, device)
-    label = a.mode if a.mode != "auto" else "compiled" if compiled else "eager"
-    print(environment(device), flush=True)
-    if a.check:
-        check_exactness(policy, device, max(a.n))
     rows = []
     base_t, (base_m, _), _ = time_step(policy, make_batch(vlm, 0, a.batch, a.tokens, a.image, device), a.steps, device)
     L = make_batch(vlm, 0, a.batch, a.tokens, a.image, device)["input_ids"].shape[1]
     print(f"stage 0: median {base_t['median'] * 1e3:.1f} ms/step, mean {base_t['mean'] * 1e3:.1f} ({base_t['n']} steps), "
-          f"peak {base_m / 2**30:.2f} GiB, batch {a.batch} x {L} tokens ({a.preset}, {dtype}, "
+          f"peak {base_m / 2**30:.2f} GiB, batch {a.batch} x {L} tokens ({a.preset}, {next(vlm.parameters()).dtype}, "
           f"{label})", flush=True)
     ratio = lambda t: {k: t[k] / base_t[k] for k in ("median", "mean")}
     kv_forward = policy.backbone.forward
@@ -197,17 +173,52 @@ def main():
             row.update(naive=ratio(tn), naive_mem=mn / base_m if base_m else float("nan"))
         rows.append(row)
         print(row, flush=True)
-    if a.profile:
-        profile_step(policy, make_batch(vlm, max(a.n), a.batch, a.tokens, a.image, device), device)
-    print(f"\nstep time (median / mean of {a.steps} steps) and peak memory relative to the stage-0 step: same model, "
-          f"batch and sequence, all {label}, one run")
-    cell = lambda r, k: f"{r[k]['median']:.2f}x / {r[k]['mean']:.2f}x" if k in r else "-"
-    print(f"{'n':>3} {'latent (KV cache)':>18} {'coconut loop':>16} {'naive recompute':>16} {'latent mem':>11} "
-          f"{'loop mem':>9} {'naive mem':>10}")
-    nan = float("nan")
-    for r in rows:
-        print(f"{r['n']:>3} {cell(r, 'latent'):>18} {cell(r, 'loop'):>16} {cell(r, 'naive'):>16} "
-              f"{r['latent_mem']:>10.2f}x {r.get('loop_mem', nan):>8.2f}x {r.get('naive_mem', nan):>9.2f}x")
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="2b", choices=sorted(PRESETS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=350)
+    ap.add_argument("--image", type=int, default=224)
+    ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per case, after warm-up until nothing compiles")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive full-recompute reference")
+    ap.add_argument("--no-loop", action="store_true", help="skip the Coconut-style loop (ecot.reference.loop_latent_forward)")
+    ap.add_argument("--mode", choices=("auto", "compiled", "graphed", "eager"), nargs="+", default=["auto"],
+                    help="every case compiled as training compiles it (graphed: and its compiled regions and thinking "
+                         "columns replayed from CUDA graphs), or every case eager (auto: compiled on CUDA); several: "
+                         "one after the other in this process, each against its own stage-0 step")
+    ap.add_argument("--check", action="store_true", help="first compare both KV paths with the reference on the device")
+    ap.add_argument("--profile", action="store_true", help="profile one latent step at the largest n")
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    policy, _ = build_policy(a.preset, device, dtype)
+    policy.train()
+    vlm = policy.backbone.vlm
+    print(environment(device), flush=True)
+    tables = {}
+    for mode in a.mode:
+        compiled = set_mode(policy, mode, device)
+        label = mode if mode != "auto" else "compiled" if compiled else "eager"
+        if a.check:
+            check_exactness(policy, device, max(a.n))
+        tables[label] = run_cases(policy, a, device, label)
+        if a.profile:
+            profile_step(policy, make_batch(vlm, max(a.n), a.batch, a.tokens, a.image, device), device)
+    for label, rows in tables.items():
+        print(f"\nstep time (median / mean of {a.steps} steps) and peak memory relative to the stage-0 step: same "
+              f"model, batch and sequence, all {label}, one run")
+        cell = lambda r, k: f"{r[k]['median']:.2f}x / {r[k]['mean']:.2f}x" if k in r else "-"
+        print(f"{'n':>3} {'latent (KV cache)':>18} {'coconut loop':>16} {'naive recompute':>16} {'latent mem':>11} "
+              f"{'loop mem':>9} {'naive mem':>10}")
+        nan = float("nan")
+        for r in rows:
+            print(f"{r['n']:>3} {cell(r, 'latent'):>18} {cell(r, 'loop'):>16} {cell(r, 'naive'):>16} "
+                  f"{r['latent_mem']:>10.2f}x {r.get('loop_mem', nan):>8.2f}x {r.get('naive_mem', nan):>9.2f}x")
     print("targets: latent <= 1.3x at n = 8, peak memory <= 1.2x of stage 0")
 
 

@@ -30,11 +30,11 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb,
 from .config import TINY_VLM  # the `framework.qwenvl.base_vlm` value of the tiny preset
 
 # %% auto #0
-__all__ = ['VISION_TOKENS', 'MAX_GRAPHED_SIGNATURES', 'GRAPH_FREE_FRACTION', 'GRAPH_CAPTURES', 'vlm_token_ids',
+__all__ = ['VISION_TOKENS', 'MAX_GRAPHED_SIGNATURES', 'GRAPH_FREE_FRACTION', 'GRAPH_CAPTURES', 'PREFIX_BUCKET', 'vlm_token_ids',
            'mrope_section_for', 'tiny_qwen3vl_config', 'resolve_attn_implementation', 'build_qwen3vl',
            'resize_for_tokenizer', 'BackboneOutput', 'causal_lm_loss', 'column_layer', 'column_stack',
            'region_compile_options', 'compiled_column_step', 'frames_attention', 'QwenVLBackbone', 'graph_memory_room',
-           'GraphedCall', 'graph_regions', 'layer_column']
+           'GraphedCall', 'graph_regions', 'layer_column', 'ColumnGraphs']
 
 # %% ../nbs/14_backbone.ipynb #543c5e51
 VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -282,6 +282,7 @@ class QwenVLBackbone(nn.Module):
         # the column passes through torch.compile: None = on CUDA only, True = always, False = never
         self.compile_columns: Optional[bool] = None
         self.columns_sharded = False  # columns through each layer's FSDP2 hooks (`shard_columns`)
+        self.column_graphs = None  # the columns' training passes from CUDA graphs (`ColumnGraphs`, `graph_regions`)
         for block in vlm.model.visual.blocks:  # all frames in one attention call (`frames_attention`)
             block.attn.forward = MethodType(frames_attention, block.attn)
 
@@ -492,7 +493,8 @@ class GraphedCall:
 
 def graph_regions(model: nn.Module, on: bool = True) -> int:
     """Replay the training calls of every compiled region of `model` (`Module.compile`: `compile_blocks`) from CUDA
-    graphs (`GraphedCall`), or, with `on=False`, stop. Returns the number of regions."""
+    graphs (`GraphedCall`), and the thinking columns of its latent forwards (`ColumnGraphs`), or, with `on=False`,
+    stop. Returns the number of regions."""
     n = 0
     for m in model.modules():
         call = m._compiled_call_impl  # where Module.compile puts the compiled call (what Module.__call__ runs)
@@ -503,6 +505,9 @@ def graph_regions(model: nn.Module, on: bool = True) -> int:
             call = call.call
         m._compiled_call_impl = GraphedCall(m, call) if on else call
         n += 1
+    for m in model.modules():  # and the latent forward's thinking columns (`ColumnGraphs`)
+        if isinstance(m, QwenVLBackbone):
+            m.column_graphs = ColumnGraphs(m) if on else None
     return n
 
 
@@ -579,23 +584,27 @@ def _latent_forward(self: QwenVLBackbone, embeds, attention_mask, position_ids, 
                       for _ in range(2)) for k, _ in prefix_kv]
     step = self._column_step(dev)
     dropout = lm.config.attention_dropout if self.training else 0.0
+    replay = self._column_replay(embeds[:, ts : ts + 1], dropout, prefix_kv, n_latent, cos, sin, key_masks, think_kv)
     prev = last[:, -1:]
     for t in range(n_latent):
         c = ts + t
         # rows whose thinking span ended keep their ordinary token embedding in this column
         x = torch.where(is_thinking[:, t : t + 1], prev.to(embeds.dtype), embeds[:, c : c + 1])
         latent_inputs.append(x)
-        args = (lm.layers, lm.norm, x, cos[:, t : t + 1], sin[:, t : t + 1], prefix_kv, think_kv, slots[t],
-                key_masks[:, t], self.hidden_layer, dropout)
-        try:
-            chosen, prev, think_kv = step(*args)
-        except Exception as e:  # compilation fails before anything is computed: fall back to eager, loudly
-            if step is column_stack:
-                raise
-            warnings.warn(f"torch.compile of the latent column step failed ({type(e).__name__}: {e}); "
-                          "running it eagerly (set compile_columns = False to skip compiling)", stacklevel=2)
-            self.compile_columns, step = False, column_stack
-            chosen, prev, think_kv = step(*args)
+        if replay is not None:  # from CUDA graphs (`ColumnGraphs`)
+            chosen, prev, think_kv = replay(t, x, cos[:, t : t + 1], sin[:, t : t + 1], think_kv)
+        else:
+            args = (lm.layers, lm.norm, x, cos[:, t : t + 1], sin[:, t : t + 1], prefix_kv, think_kv, slots[t],
+                    key_masks[:, t], self.hidden_layer, dropout)
+            try:
+                chosen, prev, think_kv = step(*args)
+            except Exception as e:  # compilation fails before anything is computed: fall back to eager, loudly
+                if step is column_stack:
+                    raise
+                warnings.warn(f"torch.compile of the latent column step failed ({type(e).__name__}: {e}); "
+                              "running it eagerly (set compile_columns = False to skip compiling)", stacklevel=2)
+                self.compile_columns, step = False, column_stack
+                chosen, prev, think_kv = step(*args)
         chosen_parts.append(chosen)
         last_parts.append(prev)
     for layer, (pk, pv), (tk, tv) in zip(cache.layers, prefix_kv, think_kv):  # the cache for the final pass
@@ -636,3 +645,263 @@ def _final_pass(self: QwenVLBackbone, embeds, attention_mask, position_ids, cach
         last_parts.append(last)
     return BackboneOutput(torch.cat(chosen_parts, 1), torch.cat(last_parts, 1), path="latent",
                           latent_inputs=latent_inputs, n_passes=len(last_parts))
+
+# %% ../nbs/14_backbone.ipynb #fcbdb947
+# prefix lengths one signature's graphs serve: its prefix KV are padded up to a multiple of this (the padding masked)
+PREFIX_BUCKET = 64
+
+
+class _Columns(nn.Module):
+    "The decoder layers and final norm as one module, so that `functional_call` runs a column on stand-ins."
+    def __init__(self, lm: nn.Module, step):
+        super().__init__()
+        self.layers, self.norm, self.step = lm.layers, lm.norm, step
+
+    def forward(self, *args):
+        return self.step(self.layers, self.norm, *args)
+
+
+def _pairs(flat) -> list:
+    return [tuple(flat[i : i + 2]) for i in range(0, len(flat), 2)]
+
+
+def _capture(fn, pool, eager: bool):
+    "`fn` captured as a CUDA graph in `pool`, returned as the graph's replay; `eager`: `fn` itself (tests on a CPU)."
+    if eager:
+        return fn
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        fn()
+    return g.replay
+
+
+class _Column:
+    """Thinking column `t` of a `_Signature`: static inputs, outputs and gradients, a forward and a backward graph.
+    The backward writes the gradients of the column's inputs and adds those of the prefix KV and of the decoder
+    parameters into sums shared by the columns (column n - 1, the first to run backward, writes them)."""
+    def __init__(self, sig: "_Signature", t: int, x, cos, sin, key_mask, think_kv):
+        self.sig, self.t = sig, t
+        self.x = x.detach().clone().requires_grad_(True)
+        self.rest = [a.detach().clone() for a in (cos, sin, key_mask)]
+        self.think = [a.detach().clone().requires_grad_(True) for a in think_kv]  # as every column returns them
+        self.slot = torch.arange(sig.n, device=x.device) == t
+
+    def run(self):
+        "The column on the static inputs: the column step on the parameters' stand-ins."
+        g = self.sig.graphs
+        cos, sin, key_mask = self.rest
+        chosen, last, kv = torch.func.functional_call(g.columns, g.stand_ins, (
+            self.x, cos, sin, _pairs(self.sig.prefix), _pairs(self.think), self.slot, key_mask,
+            g.backbone.hidden_layer, 0.0))
+        self.outs = [chosen, last, *(a for pair in kv for a in pair)]
+
+    def grads(self, grad_out) -> tuple:
+        "Gradients of the column's static inputs, the prefix KV and the parameters' stand-ins."
+        inputs = [self.x, *self.think, *self.sig.prefix, *self.sig.graphs.stand_ins.values()]
+        return torch.autograd.grad(self.outs, inputs, grad_out, allow_unused=True, materialize_grads=True)
+
+    def backward_pass(self):
+        "Gradients of the column's inputs; the prefix KV's and parameters' added into the shared sums."
+        sig, g = self.sig, self.sig.graphs
+        grads = self.grads(self.grad_out)
+        k, m = 1 + len(self.think), len(sig.prefix)
+        torch._foreach_copy_(self.grad_in, grads[:k])
+        into = torch._foreach_copy_ if self.t == sig.n - 1 else torch._foreach_add_
+        into(sig.prefix_grad, grads[k : k + m])
+        into(g.param_grad, grads[k + m :])
+
+    def build(self):
+        "Warm up (compiling; on a GPU on a side stream, with backwards, as `make_graphed_callables`), then capture."
+        g = self.sig.graphs
+        if g.eager:
+            self.run()
+        else:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    self.run()
+                    self.grads([torch.ones_like(o) for o in self.outs])
+            torch.cuda.current_stream().wait_stream(s)
+        self.grad_out = [torch.zeros_like(o) for o in self.outs]
+        # Nothing of the warm-up's autograd graph may outlive it: it holds the gradient accumulators of the static
+        # leaves (stand-ins, inputs), made on the warm-up's stream, and a capture reaching one of another stream
+        # syncs with it, which ends the capture.
+        self.outs = None
+        # the forward's activations stay in its pool until its backward: a pool of its own (see `GraphedCall`)
+        self.forward_pass = _capture(self.run, None if g.eager else torch.cuda.graph_pool_handle(), g.eager)
+        self.grad_in = [torch.zeros_like(a) for a in (self.x, *self.think)]
+        # the backward's outputs are these buffers, outside its pool: every backward graph can share one pool
+        self.backward_replay = _capture(self.backward_pass, g.pool, g.eager)
+
+
+class _Signature:
+    """The graphs of one latent batch shape (batch, KV heads, prefix bucket, columns, dtypes, autocast): a `_Column`
+    per thinking column, the prefix KV they read and the prefix KV's gradients summed over the columns."""
+    def __init__(self, graphs: "ColumnGraphs", prefix_kv, n: int):
+        self.graphs, self.n, self.pending, self.columns = graphs, n, False, []
+        k = prefix_kv[0]
+        bucket = -(-k.shape[2] // PREFIX_BUCKET) * PREFIX_BUCKET
+        self.prefix = [a.new_zeros(*a.shape[:2], bucket, a.shape[3]).requires_grad_(True) for a in prefix_kv]
+        self.prefix_grad = [torch.zeros_like(a) for a in self.prefix]
+        self.token_grad = k.new_zeros((), dtype=torch.float32)
+        self.P = k.shape[2]
+
+    def build(self, x, cos, sin, key_masks, think_kv):
+        for t in range(self.n):
+            self.columns.append(_Column(self, t, x, cos[:, t : t + 1], sin[:, t : t + 1], key_masks[:, t], think_kv))
+            self.columns[-1].build()
+
+    def load(self, prefix_kv):
+        "This step's prefix KV into the graphs' (past them zeros: masked keys, never NaN)."
+        self.P = P = prefix_kv[0].shape[2]
+        torch._foreach_copy_([a[:, :, :P] for a in self.prefix], list(prefix_kv))
+        torch._foreach_zero_([a[:, :, P:] for a in self.prefix])
+
+    def pad_mask(self, key_masks, P: int):
+        "Key masks (B, n, 1, 1, P + n) -> (B, n, 1, 1, bucket + n), the padded prefix positions masked."
+        pad = key_masks.new_zeros(*key_masks.shape[:-1], self.prefix[0].shape[2] - P)
+        return torch.cat([key_masks[..., :P], pad, key_masks[..., P:]], -1)
+
+
+class _Gather(torch.autograd.Function):
+    """Loads the prefix KV into a signature's graphs. Its output, a scalar, is an input of every column (`_Replay`),
+    so its backward runs after theirs and hands autograd the gradients they summed: the prefix KV's and the decoder
+    parameters' (which then reach `.grad`, and DDP's hooks, as from any backward)."""
+    @staticmethod
+    def forward(ctx, sig, n_kv: int, *tensors):
+        ctx.sig, ctx.P = sig, tensors[0].shape[2]
+        sig.load(tensors[:n_kv])
+        sig.pending = True  # its columns' activations are in use until this backward
+        return sig.token_grad.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        sig, P = ctx.sig, ctx.P
+        sig.pending = False
+        # the sums themselves, not copies: autograd adds tensors it does not own into `.grad`, never adopts them
+        return (None, None, *(a[:, :, :P] for a in sig.prefix_grad), *sig.graphs.param_grad)
+
+
+class _Replay(torch.autograd.Function):
+    "Thinking column `t` of a signature from its graphs: copy the inputs in, replay, return the outputs."
+    @staticmethod
+    def forward(ctx, sig, t: int, token, x, cos, sin, key_mask, *think_kv):
+        ctx.sig, ctx.t = sig, t
+        col = sig.columns[t]
+        torch._foreach_copy_([col.x, *col.rest, *col.think], [x, cos, sin, key_mask, *think_kv])
+        with torch.enable_grad():
+            col.forward_pass()
+        return tuple(o.detach() for o in col.outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        col = ctx.sig.columns[ctx.t]
+        torch._foreach_copy_(col.grad_out, list(grads))
+        col.backward_replay()
+        gx, *gkv = col.grad_in
+        return (None, None, ctx.sig.token_grad, gx, None, None, None, *(gkv if ctx.t else [None] * len(gkv)))
+
+
+class ColumnGraphs:
+    """The thinking columns of a latent training step replayed from CUDA graphs (`framework.qwenvl.cuda_graphs`).
+
+    A latent step at n = 8 runs 8 columns x 28 decoder layers, forward and backward, as 448 compiled calls of a few
+    small kernels each: launches, not arithmetic, set its time (bench/README.md). Here each column is one forward
+    and one backward graph, captured the first time a batch shape is seen (`_Signature`: batch, prefix length up to
+    a multiple of `PREFIX_BUCKET`, column count, dtypes, autocast) and replayed with one launch each.
+
+    `make_graphed_callables` does not fit: every column reads every parameter, and it would give each column's
+    backward a gradient buffer per parameter (8 copies of the decoder's gradients at n = 8). Here the columns'
+    backward graphs add the parameters' and the prefix KV's gradients into one shared sum each, which `_Gather`
+    hands to autograd once, after the last column's backward. Captures run on stand-ins of the parameters (leaves
+    sharing their storage), so DDP's gradient accumulators never enter a capture (see `_Region`).
+
+    The compiled columns serve everything else: outside training or without gradients, attention dropout, FSDP's
+    sharded columns, a second latent forward of one shape before the first one's backward (its activations live
+    in the graphs), moved parameters (the graphs are dropped and captured again), more than
+    `MAX_GRAPHED_SIGNATURES` shapes, or a device short of memory (`graph_memory_room`). `eager`: plain calls in
+    place of graphs, so that the bookkeeping is tested on a CPU."""
+
+    def __init__(self, backbone: nn.Module, eager: bool = False):
+        self.backbone, self.eager = backbone, eager
+        self.release()
+
+    def release(self):
+        "Drop every signature's graphs and the shared buffers."
+        self.sigs, self.stand_ins, self.param_grad, self.ptrs = {}, None, None, None
+
+    def _prepare(self, device):
+        "Stand-ins of the trainable decoder parameters and their gradients' sum (one per parameter, all shapes)."
+        self.columns = _Columns(self.backbone.language_model, self.backbone._column_step(device))
+        named = [(n, p) for n, p in self.columns.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.stand_ins = {n: nn.Parameter(p.detach()) for n, p in named}
+        self.param_grad = [torch.zeros_like(p) for p in self.params]
+        self.ptrs = [p.data_ptr() for p in self.params]
+        self.pool = None if self.eager else torch.cuda.graph_pool_handle()
+
+    def usable(self, embeds, dropout: float) -> bool:
+        bb = self.backbone
+        return (bb.training and torch.is_grad_enabled() and not torch.compiler.is_compiling() and not dropout
+                and not bb.columns_sharded and embeds.requires_grad and (self.eager or embeds.is_cuda))
+
+    def signature(self, prefix_kv, n: int, x, cos, sin, key_masks, think_kv) -> Optional[_Signature]:
+        "The graphs of this batch's shape, captured on first use; None where the compiled columns serve it."
+        if self.ptrs is None or self.ptrs != [p.data_ptr() for p in self.params]:
+            self.release()
+            self._prepare(x.device)
+        k = prefix_kv[0]
+        key = (tuple(k.shape[:2]), -(-k.shape[2] // PREFIX_BUCKET), n, x.dtype, k.dtype,
+               torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        if key in self.sigs:
+            sig = self.sigs[key]
+            return None if sig is None or sig.pending else sig
+        if len(self.sigs) >= MAX_GRAPHED_SIGNATURES:
+            return None
+        if not self.eager and not graph_memory_room(x.device):
+            warnings.warn(f"CUDA graphs: under {GRAPH_FREE_FRACTION:.0%} of the device's memory free, so latent "
+                          "batch shapes seen from now on run the compiled columns", stacklevel=3)
+            GRAPH_CAPTURES["refused"] += 1
+            self.sigs[key] = None
+            return None
+        sig = _Signature(self, prefix_kv, n)
+        cached = torch.is_autocast_enabled(x.device.type) and torch.is_autocast_cache_enabled()
+        try:
+            with torch.no_grad():
+                sig.load(prefix_kv)
+            with (torch.autocast(x.device.type, dtype=torch.get_autocast_dtype(x.device.type), cache_enabled=False)
+                  if cached else nullcontext()):
+                sig.build(x, cos, sin, sig.pad_mask(key_masks, k.shape[2]), think_kv)
+        except Exception as e:  # an operation that cannot be captured
+            warnings.warn(f"CUDA graph capture of the thinking columns failed ({type(e).__name__}: {e}); this "
+                          "batch shape runs the compiled columns", stacklevel=3)
+            GRAPH_CAPTURES["failed"] += 1
+            self.sigs[key] = None
+            return None
+        GRAPH_CAPTURES["captured"] += 1
+        self.sigs[key] = sig
+        return sig
+
+    def run(self, sig, prefix_kv, key_masks):
+        "A function of (t, x, cos, sin, think_kv) -> (chosen, last, think_kv) replaying `sig`'s columns."
+        flat = [a for pair in prefix_kv for a in pair]
+        token = _Gather.apply(sig, len(flat), *flat, *self.params)
+        masks = sig.pad_mask(key_masks, flat[0].shape[2])
+
+        def column(t, x, cos, sin, think_kv):
+            out = _Replay.apply(sig, t, token, x, cos, sin, masks[:, t], *(a for pair in think_kv for a in pair))
+            return out[0], out[1], _pairs(out[2:])
+        return column
+
+
+@patch
+def _column_replay(self: QwenVLBackbone, x, dropout, prefix_kv, n: int, cos, sin, key_masks, think_kv):
+    "`ColumnGraphs.run` for this batch where the thinking columns can replay CUDA graphs, else None."
+    graphs = self.column_graphs
+    if graphs is None or not graphs.usable(x, dropout):
+        return None
+    flat = lambda kv: [a for pair in kv for a in pair]
+    sig = graphs.signature(flat(prefix_kv), n, x, cos, sin, key_masks, flat(think_kv))
+    return None if sig is None else graphs.run(sig, prefix_kv, key_masks)
+
