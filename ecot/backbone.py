@@ -340,7 +340,8 @@ MAX_GRAPHED_SIGNATURES = 4
 # and all regions together: a new signature is captured only while this share of the device's memory is free (the
 # 2B-shaped step at batch 16 reserves 19 GiB more with one signature graphed, and 28 GiB more with a second)
 GRAPH_FREE_FRACTION = 0.25
-# signatures captured so far in this process, all regions together, and those refused (short of memory) or failed:
+# signatures captured so far in this process, all regions and the thinking columns (`ColumnGraphs`) together, and
+# those refused (short of memory) or failed:
 # the trainer logs them (`graph_captured`, ...), since a capture inside a timed span slows it as a recompile does
 GRAPH_CAPTURES = Counter()
 
