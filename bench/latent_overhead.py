@@ -145,12 +145,14 @@ def profile_step(policy, batch, device, rows: int = 14):
               f"({wall:.1f} ms wall under the profiler)", flush=True)
 
 
-def run_cases(policy, a, device, label: str) -> list:
-    "The stage-0 step, then the latent step at each n (and the loop and naive references), as ratios to it."
+def run_cases(policy, a, device, label: str) -> tuple:
+    """The stage-0 step, then the latent step at each n (and the loop and naive references), as ratios to it.
+    Returns (the stage-0 step's timing, a row per n)."""
     vlm = policy.backbone.vlm
     rows = []
-    base_t, (base_m, _), _ = time_step(policy, make_batch(vlm, 0, a.batch, a.tokens, a.image, device), a.steps, device)
-    L = make_batch(vlm, 0, a.batch, a.tokens, a.image, device)["input_ids"].shape[1]
+    batch0 = make_batch(vlm, 0, a.batch, a.tokens, a.image, device)
+    base_t, (base_m, _), _ = time_step(policy, batch0, a.steps, device)
+    L = batch0["input_ids"].shape[1]
     print(f"stage 0: median {base_t['median'] * 1e3:.1f} ms/step, mean {base_t['mean'] * 1e3:.1f} ({base_t['n']} steps), "
           f"peak {base_m / 2**30:.2f} GiB, batch {a.batch} x {L} tokens ({a.preset}, {next(vlm.parameters()).dtype}, "
           f"{label})", flush=True)
@@ -173,7 +175,7 @@ def run_cases(policy, a, device, label: str) -> list:
             row.update(naive=ratio(tn), naive_mem=mn / base_m if base_m else float("nan"))
         rows.append(row)
         print(row, flush=True)
-    return rows
+    return base_t, rows
 
 
 def main():
@@ -209,9 +211,10 @@ def main():
         tables[label] = run_cases(policy, a, device, label)
         if a.profile:
             profile_step(policy, make_batch(vlm, max(a.n), a.batch, a.tokens, a.image, device), device)
-    for label, rows in tables.items():
-        print(f"\nstep time (median / mean of {a.steps} steps) and peak memory relative to the stage-0 step: same "
-              f"model, batch and sequence, all {label}, one run")
+    for label, (base_t, rows) in tables.items():
+        print(f"\nstep time (median / mean of {a.steps} steps) and peak memory relative to the stage-0 step "
+              f"({base_t['median'] * 1e3:.1f} / {base_t['mean'] * 1e3:.1f} ms): same model, batch and sequence, all "
+              f"{label}, one run")
         cell = lambda r, k: f"{r[k]['median']:.2f}x / {r[k]['mean']:.2f}x" if k in r else "-"
         print(f"{'n':>3} {'latent (KV cache)':>18} {'coconut loop':>16} {'naive recompute':>16} {'latent mem':>11} "
               f"{'loop mem':>9} {'naive mem':>10}")

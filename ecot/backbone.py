@@ -34,7 +34,7 @@ __all__ = ['VISION_TOKENS', 'MAX_GRAPHED_SIGNATURES', 'GRAPH_FREE_FRACTION', 'GR
            'mrope_section_for', 'tiny_qwen3vl_config', 'resolve_attn_implementation', 'build_qwen3vl',
            'resize_for_tokenizer', 'BackboneOutput', 'causal_lm_loss', 'column_layer', 'column_stack',
            'region_compile_options', 'compiled_column_step', 'frames_attention', 'QwenVLBackbone', 'graph_memory_room',
-           'GraphedCall', 'graph_regions', 'layer_column', 'ColumnGraphs']
+           'guarded_capture', 'GraphedCall', 'graph_regions', 'layer_column', 'ColumnGraphs']
 
 # %% ../nbs/14_backbone.ipynb #543c5e51
 VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -353,6 +353,30 @@ def graph_memory_room(device) -> bool:
     return free >= GRAPH_FREE_FRACTION * total
 
 
+def guarded_capture(what: str, device, capture, check_room: bool = True):
+    """`capture()`, the graphs of a new signature of `what`, or None with a warning where `device` is short of memory
+    (`graph_memory_room`, with `check_room`) or capturing fails (an operation that cannot be captured: a host sync,
+    say). Autocast's weight cache is off meanwhile (graphs cannot use it). Counted in `GRAPH_CAPTURES`."""
+    if check_room and not graph_memory_room(device):
+        warnings.warn(f"CUDA graphs: under {GRAPH_FREE_FRACTION:.0%} of the device's memory free, so shapes of {what} "
+                      "seen from now on run compiled (bench/README.md: memory of graphed signatures)", stacklevel=4)
+        GRAPH_CAPTURES["refused"] += 1
+        return None
+    kind = torch.device(device).type
+    cached = torch.is_autocast_enabled(kind) and torch.is_autocast_cache_enabled()
+    try:
+        with (torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), cache_enabled=False) if cached
+              else nullcontext()):
+            graphs = capture()
+    except Exception as e:
+        warnings.warn(f"CUDA graph capture of {what} failed ({type(e).__name__}: {e}); this signature runs compiled",
+                      stacklevel=4)
+        GRAPH_CAPTURES["failed"] += 1
+        return None
+    GRAPH_CAPTURES["captured"] += 1
+    return graphs
+
+
 class _Region:
     """What `make_graphed_callables` captures: the compiled call of `block` as a function of tensors only (the call's,
     then one per parameter of `block`), its other arguments put back.
@@ -455,41 +479,29 @@ class GraphedCall:
         entry["pending"] = False
 
     def _capture(self, spec, consts, tensors) -> Optional[dict]:
-        """The graphs of one signature, or None (with a warning) where the device is short of memory or capturing
-        fails: the compiled call serves it."""
-        if not graph_memory_room(tensors[0].device):
-            warnings.warn(f"CUDA graphs: under {GRAPH_FREE_FRACTION:.0%} of the device's memory free, so shapes seen "
-                          "from now on run the compiled regions (bench/README.md: memory of graphed signatures)",
-                          stacklevel=3)
-            GRAPH_CAPTURES["refused"] += 1
-            return None
-        if not self.hooks:
-            self.hooks = [p.register_hook(torch.clone) for p in self.block.parameters() if p.requires_grad]
-        region = _Region(self.block, spec, consts)
-        sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors) + region.stand_ins()
-        cached = torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled()
-        # The forward hooks (transformers records hidden states with them) run once, on the replay's output, not on
-        # the capture's warm-up calls: emptied meanwhile, in place (the compiled call guards on that dict).
-        hooks = dict(self.block._forward_hooks)
-        self.block._forward_hooks.clear()
-        self.capturing = True
-        try:
-            # Each capture gets a memory pool of its own: the activations its forward saves for its backward are free
-            # in the pool once the capture ends, and a later capture sharing the pool could put its own there, which
-            # its replay would overwrite between this forward and backward.
-            with (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False) if cached
-                  else nullcontext()):
-                graphed = torch.cuda.make_graphed_callables(region, sample, allow_unused_input=True)
-        except Exception as e:  # an operation that cannot be captured (a host sync in the region, say)
-            warnings.warn(f"CUDA graph capture of {type(self.block).__name__} failed ({type(e).__name__}: {e}); "
-                          "its calls of this signature run the compiled region", stacklevel=3)
-            GRAPH_CAPTURES["failed"] += 1
-            return None
-        finally:
-            self.capturing = False
-            self.block._forward_hooks.update(hooks)
-        GRAPH_CAPTURES["captured"] += 1
-        return {"graphed": graphed, "pending": False, "params": tuple(p.data_ptr() for p in self.block.parameters())}
+        """The graphs of one signature, or None where the device is short of memory or capturing fails
+        (`guarded_capture`): the compiled call serves it."""
+        def capture():
+            if not self.hooks:
+                self.hooks = [p.register_hook(torch.clone) for p in self.block.parameters() if p.requires_grad]
+            region = _Region(self.block, spec, consts)
+            sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors) + region.stand_ins()
+            # The forward hooks (transformers records hidden states with them) run once, on the replay's output, not
+            # on the capture's warm-up calls: emptied meanwhile, in place (the compiled call guards on that dict).
+            hooks = dict(self.block._forward_hooks)
+            self.block._forward_hooks.clear()
+            self.capturing = True
+            try:
+                # Each capture gets a memory pool of its own: the activations its forward saves for its backward are
+                # free in the pool once the capture ends, and a later capture sharing the pool could put its own
+                # there, which its replay would overwrite between this forward and backward.
+                return torch.cuda.make_graphed_callables(region, sample, allow_unused_input=True)
+            finally:
+                self.capturing = False
+                self.block._forward_hooks.update(hooks)
+        graphed = guarded_capture(type(self.block).__name__, tensors[0].device, capture)
+        return None if graphed is None else {"graphed": graphed, "pending": False,
+                                             "params": tuple(p.data_ptr() for p in self.block.parameters())}
 
 
 def graph_regions(model: nn.Module, on: bool = True) -> int:
@@ -663,10 +675,15 @@ class _Columns(nn.Module):
 
 
 def _pairs(flat) -> list:
+    "Keys and values in turn -> (keys, values) pairs, as `column_stack` takes them; `_flat` undoes it."
     return [tuple(flat[i : i + 2]) for i in range(0, len(flat), 2)]
 
 
-def _capture(fn, pool, eager: bool):
+def _flat(pairs) -> list:
+    return [a for pair in pairs for a in pair]
+
+
+def _graphed(fn, pool, eager: bool):
     "`fn` captured as a CUDA graph in `pool`, returned as the graph's replay; `eager`: `fn` itself (tests on a CPU)."
     if eager:
         return fn
@@ -694,7 +711,7 @@ class _Column:
         chosen, last, kv = torch.func.functional_call(g.columns, g.stand_ins, (
             self.x, cos, sin, _pairs(self.sig.prefix), _pairs(self.think), self.slot, key_mask,
             g.backbone.hidden_layer, 0.0))
-        self.outs = [chosen, last, *(a for pair in kv for a in pair)]
+        self.outs = [chosen, last, *_flat(kv)]
 
     def grads(self, grad_out) -> tuple:
         "Gradients of the column's static inputs, the prefix KV and the parameters' stand-ins."
@@ -730,10 +747,10 @@ class _Column:
         # syncs with it, which ends the capture.
         self.outs = None
         # the forward's activations stay in its pool until its backward: a pool of its own (see `GraphedCall`)
-        self.forward_pass = _capture(self.run, None if g.eager else torch.cuda.graph_pool_handle(), g.eager)
+        self.forward_pass = _graphed(self.run, None if g.eager else torch.cuda.graph_pool_handle(), g.eager)
         self.grad_in = [torch.zeros_like(a) for a in (self.x, *self.think)]
         # the backward's outputs are these buffers, outside its pool: every backward graph can share one pool
-        self.backward_replay = _capture(self.backward_pass, g.pool, g.eager)
+        self.backward_replay = _graphed(self.backward_pass, g.pool, g.eager)
 
 
 class _Signature:
@@ -746,7 +763,6 @@ class _Signature:
         self.prefix = [a.new_zeros(*a.shape[:2], bucket, a.shape[3]).requires_grad_(True) for a in prefix_kv]
         self.prefix_grad = [torch.zeros_like(a) for a in self.prefix]
         self.token_grad = k.new_zeros((), dtype=torch.float32)
-        self.P = k.shape[2]
 
     def build(self, x, cos, sin, key_masks, think_kv):
         for t in range(self.n):
@@ -755,7 +771,7 @@ class _Signature:
 
     def load(self, prefix_kv):
         "This step's prefix KV into the graphs' (past them zeros: masked keys, never NaN)."
-        self.P = P = prefix_kv[0].shape[2]
+        P = prefix_kv[0].shape[2]
         torch._foreach_copy_([a[:, :, :P] for a in self.prefix], list(prefix_kv))
         torch._foreach_zero_([a[:, :, P:] for a in self.prefix])
 
@@ -860,38 +876,24 @@ class ColumnGraphs:
             return None if sig is None or sig.pending else sig
         if len(self.sigs) >= MAX_GRAPHED_SIGNATURES:
             return None
-        if not self.eager and not graph_memory_room(x.device):
-            warnings.warn(f"CUDA graphs: under {GRAPH_FREE_FRACTION:.0%} of the device's memory free, so latent "
-                          "batch shapes seen from now on run the compiled columns", stacklevel=3)
-            GRAPH_CAPTURES["refused"] += 1
-            self.sigs[key] = None
-            return None
-        sig = _Signature(self, prefix_kv, n)
-        cached = torch.is_autocast_enabled(x.device.type) and torch.is_autocast_cache_enabled()
-        try:
+
+        def capture():
+            sig = _Signature(self, prefix_kv, n)
             with torch.no_grad():
                 sig.load(prefix_kv)
-            with (torch.autocast(x.device.type, dtype=torch.get_autocast_dtype(x.device.type), cache_enabled=False)
-                  if cached else nullcontext()):
-                sig.build(x, cos, sin, sig.pad_mask(key_masks, k.shape[2]), think_kv)
-        except Exception as e:  # an operation that cannot be captured
-            warnings.warn(f"CUDA graph capture of the thinking columns failed ({type(e).__name__}: {e}); this "
-                          "batch shape runs the compiled columns", stacklevel=3)
-            GRAPH_CAPTURES["failed"] += 1
-            self.sigs[key] = None
-            return None
-        GRAPH_CAPTURES["captured"] += 1
-        self.sigs[key] = sig
-        return sig
+            sig.build(x, cos, sin, sig.pad_mask(key_masks, k.shape[2]), think_kv)
+            return sig
+        self.sigs[key] = guarded_capture("the thinking columns", x.device, capture, check_room=not self.eager)
+        return self.sigs[key]
 
-    def run(self, sig, prefix_kv, key_masks):
-        "A function of (t, x, cos, sin, think_kv) -> (chosen, last, think_kv) replaying `sig`'s columns."
-        flat = [a for pair in prefix_kv for a in pair]
-        token = _Gather.apply(sig, len(flat), *flat, *self.params)
-        masks = sig.pad_mask(key_masks, flat[0].shape[2])
+    def run(self, sig, prefix_kv: list, key_masks):
+        """A function of (t, x, cos, sin, think_kv) -> (chosen, last, think_kv) replaying `sig`'s columns, which read
+        `prefix_kv` (flat: keys and values of each layer in turn)."""
+        token = _Gather.apply(sig, len(prefix_kv), *prefix_kv, *self.params)
+        masks = sig.pad_mask(key_masks, prefix_kv[0].shape[2])
 
         def column(t, x, cos, sin, think_kv):
-            out = _Replay.apply(sig, t, token, x, cos, sin, masks[:, t], *(a for pair in think_kv for a in pair))
+            out = _Replay.apply(sig, t, token, x, cos, sin, masks[:, t], *_flat(think_kv))
             return out[0], out[1], _pairs(out[2:])
         return column
 
@@ -902,7 +904,7 @@ def _column_replay(self: QwenVLBackbone, x, dropout, prefix_kv, n: int, cos, sin
     graphs = self.column_graphs
     if graphs is None or not graphs.usable(x, dropout):
         return None
-    flat = lambda kv: [a for pair in kv for a in pair]
-    sig = graphs.signature(flat(prefix_kv), n, x, cos, sin, key_masks, flat(think_kv))
+    prefix_kv = _flat(prefix_kv)
+    sig = graphs.signature(prefix_kv, n, x, cos, sin, key_masks, _flat(think_kv))
     return None if sig is None else graphs.run(sig, prefix_kv, key_masks)
 
