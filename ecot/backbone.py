@@ -24,17 +24,18 @@ from fastcore.basics import patch
 from torch import nn
 from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.utils._pytree import tree_flatten, tree_unflatten
-from transformers import DynamicCache, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
 
 from .config import TINY_VLM  # the `framework.qwenvl.base_vlm` value of the tiny preset
 
 # %% auto #0
-__all__ = ['VISION_TOKENS', 'MAX_GRAPHED_SIGNATURES', 'GRAPH_FREE_FRACTION', 'GRAPH_CAPTURES', 'PREFIX_BUCKET', 'vlm_token_ids',
+__all__ = ['VISION_TOKENS', 'MAX_GRAPHED_SIGNATURES', 'GRAPH_FREE_FRACTION', 'GRAPH_CAPTURES', 'vlm_token_ids',
            'mrope_section_for', 'tiny_qwen3vl_config', 'resolve_attn_implementation', 'build_qwen3vl',
-           'resize_for_tokenizer', 'BackboneOutput', 'causal_lm_loss', 'column_layer', 'column_stack',
-           'region_compile_options', 'compiled_column_step', 'frames_attention', 'QwenVLBackbone', 'graph_memory_room',
-           'guarded_capture', 'GraphedCall', 'graph_regions', 'layer_column', 'ColumnGraphs']
+           'resize_for_tokenizer', 'BackboneOutput', 'causal_lm_loss', 'column_layer', 'chunk_layer', 'causal_mask',
+           'column_stack', 'chunk_stack', 'region_compile_options', 'compiled', 'frames_attention', 'QwenVLBackbone',
+           'graph_memory_room', 'guarded_capture', 'GraphedCall', 'graph_regions', 'LatentText', 'layer_column',
+           'layer_chunk']
 
 # %% ../nbs/14_backbone.ipynb #543c5e51
 VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -209,11 +210,56 @@ def column_layer(layer, x, cos, sin, pk, pv, tk, tv, slot, key_mask, dropout_p: 
     return x + layer.mlp(layer.post_attention_layernorm(x)), tk, tv
 
 
+def chunk_layer(layer, x, cos, sin, attn_mask, past_k=None, past_v=None, dropout_p: float = 0.0):
+    """Columns `x` (B, T, H) through one decoder layer, attending to the past keys/values (B, kv_heads, P, D), if any,
+    then their own, as `attn_mask` (B, 1, T, P + T) shows: (output, keys, values), the chunk's keys/values
+    (B, kv_heads, T, D)."""
+    attn = layer.self_attn
+    B, T, _ = x.shape
+    h = layer.input_layernorm(x)
+    q = attn.q_norm(attn.q_proj(h).view(B, T, -1, attn.head_dim)).transpose(1, 2)
+    k = attn.k_norm(attn.k_proj(h).view(B, T, -1, attn.head_dim)).transpose(1, 2)
+    v = attn.v_proj(h).view(B, T, -1, attn.head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    keys, values = (own if past is None else torch.cat([past, own], 2) for past, own in ((past_k, k), (past_v, v)))
+    # query head j reads KV head j // G (transformers' repeat_kv), repeated here: SDPA's memory-efficient kernel, the
+    # one that takes a mask, does not group heads
+    G = q.shape[1] // k.shape[1]
+    keys, values = keys.repeat_interleave(G, 1), values.repeat_interleave(G, 1)
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, dropout_p=dropout_p, scale=attn.scaling)
+    x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
+
+
+def causal_mask(attention_mask):
+    """(B, L, L) who sees whom in a padded batch (`attention_mask` (B, L), 1 on real columns): every real column up to
+    itself, and each column itself, so that a padding column attends to something (no NaN anywhere)."""
+    L, dev = attention_mask.shape[1], attention_mask.device
+    causal = torch.ones(L, L, dtype=torch.bool, device=dev).tril()
+    return (causal & attention_mask.bool()[:, None, :]) | torch.eye(L, dtype=torch.bool, device=dev)
+
+
+def _through_layers(layers, norm, x, hidden_layer: int, layer_step, deepstack=()):
+    """`x` through every layer by `layer_step(i, layer, x) -> (x, kv)`, `deepstack[i]` added after layer i (where
+    transformers adds it: after recording the layer's hidden state). Returns (chosen-layer hidden, final-norm hidden,
+    [kv of each layer]); transformers' hidden_states[-1] is the final-norm state (so is hidden_layer == num_layers)."""
+    kvs, chosen = [], (x if hidden_layer == 0 else None)
+    for i, layer in enumerate(layers):
+        x, kv = layer_step(i, layer, x)
+        kvs.append(kv)
+        if i + 1 == hidden_layer:
+            chosen = x
+        if i < len(deepstack):
+            x = x + deepstack[i]
+    last = norm(x)
+    return (last if hidden_layer in (-1, len(layers)) else chosen), last, kvs
+
+
 def column_stack(layers, norm, x, cos, sin, prefix_kv, think_kv, slot, key_mask, hidden_layer: int = -1,
                  dropout_p: float = 0.0, layer_fn=column_layer):
     """One thinking column `x` (B, 1, H) through every decoder layer, built from the layers' own submodules.
 
-    `prefix_kv[i]` are layer i's cached prefix keys/values (B, kv_heads, P, D), read but never copied;
+    `prefix_kv[i]` are layer i's prefix keys/values (B, kv_heads, P, D), read but never copied;
     `think_kv[i]` are the keys/values of the thinking columns (B, kv_heads, n, D), zeros where a column has not
     run yet; this column's go to `slot` (bool, n). `key_mask` (B, 1, 1, P + n) says which keys it sees.
     Shapes are the same for every column of a batch, so one compiled graph serves them all.
@@ -221,16 +267,23 @@ def column_stack(layers, norm, x, cos, sin, prefix_kv, think_kv, slot, key_mask,
     With a single query column the `G` query heads sharing a KV head are laid out as `G` queries of that head,
     so neither repeated K/V nor a causal mask is needed: what transformers computes with `repeat_kv` and a 4-D
     mask, reshaped. Returns (chosen-layer hidden, final-norm hidden, new `think_kv`)."""
-    new_kv = []
-    chosen = x if hidden_layer == 0 else None
-    for i, (layer, (pk, pv), (tk, tv)) in enumerate(zip(layers, prefix_kv, think_kv)):
+    def step(i, layer, x):
+        (pk, pv), (tk, tv) = prefix_kv[i], think_kv[i]
         x, tk, tv = layer_fn(layer, x, cos, sin, pk, pv, tk, tv, slot, key_mask, dropout_p)
-        new_kv.append((tk, tv))
-        if i + 1 == hidden_layer:
-            chosen = x
-    last = norm(x)
-    # transformers' hidden_states[-1] is the final-norm state (so is hidden_layer == num_layers)
-    return (last if hidden_layer in (-1, len(layers)) else chosen), last, new_kv
+        return x, (tk, tv)
+    return _through_layers(layers, norm, x, hidden_layer, step)
+
+
+def chunk_stack(layers, norm, x, cos, sin, attn_mask, past_kv=None, deepstack=(), hidden_layer: int = -1,
+                dropout_p: float = 0.0, layer_fn=chunk_layer):
+    """Columns `x` (B, T, H) through every decoder layer (`chunk_layer`) after the past keys/values `past_kv[i]` of
+    each layer, if any. `deepstack`: dense (B, T, H) additions after the first layers (the image features, zero
+    elsewhere). Returns (chosen-layer hidden, final-norm hidden, [(keys, values)] of the chunk per layer)."""
+    def step(i, layer, x):
+        past = past_kv[i] if past_kv is not None else (None, None)
+        x, k, v = layer_fn(layer, x, cos, sin, attn_mask, *past, dropout_p)
+        return x, (k, v)
+    return _through_layers(layers, norm, x, hidden_layer, step, deepstack)
 
 
 def region_compile_options() -> dict:
@@ -241,16 +294,16 @@ def region_compile_options() -> dict:
     return {"cpp_wrapper": True} if torch.cuda.is_available() else {}
 
 
-_COMPILED_COLUMN_LAYER = None
+_COMPILED: dict = {}
 
 
-def compiled_column_step():
-    "`column_stack` with `column_layer` through `torch.compile`, built once (one graph for every layer and column)."
-    global _COMPILED_COLUMN_LAYER
-    if _COMPILED_COLUMN_LAYER is None:
-        _COMPILED_COLUMN_LAYER = torch.compile(column_layer, fullgraph=True, dynamic=True,
-                                              options=region_compile_options())
-    return partial(column_stack, layer_fn=_COMPILED_COLUMN_LAYER)
+def compiled(fn, **options):
+    """`fn` through `torch.compile` (whole graph, dynamic shapes: one graph for every layer, block and shape), built
+    once per inductor `options`."""
+    key = (fn, tuple(sorted(options.items())))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=True, options=options or None)
+    return _COMPILED[key]
 
 # %% ../nbs/14_backbone.ipynb #d0bb741b
 def frames_attention(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None, **kwargs):
@@ -282,7 +335,6 @@ class QwenVLBackbone(nn.Module):
         # the column passes through torch.compile: None = on CUDA only, True = always, False = never
         self.compile_columns: Optional[bool] = None
         self.columns_sharded = False  # columns through each layer's FSDP2 hooks (`shard_columns`)
-        self.column_graphs = None  # the columns' training passes from CUDA graphs (`ColumnGraphs`, `graph_regions`)
         for block in vlm.model.visual.blocks:  # all frames in one attention call (`frames_attention`)
             block.attn.forward = MethodType(frames_attention, block.attn)
 
@@ -340,7 +392,7 @@ MAX_GRAPHED_SIGNATURES = 4
 # and all regions together: a new signature is captured only while this share of the device's memory is free (the
 # 2B-shaped step at batch 16 reserves 19 GiB more with one signature graphed, and 28 GiB more with a second)
 GRAPH_FREE_FRACTION = 0.25
-# signatures captured so far in this process, all regions and the thinking columns (`ColumnGraphs`) together, and
+# signatures captured so far in this process, all regions together (the latent forwards' among them), and
 # those refused (short of memory) or failed:
 # the trainer logs them (`graph_captured`, ...), since a capture inside a timed span slows it as a recompile does
 GRAPH_CAPTURES = Counter()
@@ -506,8 +558,8 @@ class GraphedCall:
 
 def graph_regions(model: nn.Module, on: bool = True) -> int:
     """Replay the training calls of every compiled region of `model` (`Module.compile`: `compile_blocks`) from CUDA
-    graphs (`GraphedCall`), and the thinking columns of its latent forwards (`ColumnGraphs`), or, with `on=False`,
-    stop. Returns the number of regions."""
+    graphs (`GraphedCall`), and the text passes of its latent forwards (`LatentText`, one region each), or, with
+    `on=False`, stop. Returns the number of regions."""
     n = 0
     for m in model.modules():
         call = m._compiled_call_impl  # where Module.compile puts the compiled call (what Module.__call__ runs)
@@ -518,11 +570,14 @@ def graph_regions(model: nn.Module, on: bool = True) -> int:
             call = call.call
         m._compiled_call_impl = GraphedCall(m, call) if on else call
         n += 1
-    for m in model.modules():  # and the latent forward's thinking columns (`ColumnGraphs`)
+    for m in model.modules():  # a latent forward's text passes: a region of their own, compiled layer by layer inside
         if isinstance(m, QwenVLBackbone):
-            m.column_graphs = ColumnGraphs(m) if on else None
+            text = m.latent_text
+            if isinstance(text._compiled_call_impl, GraphedCall):
+                text._compiled_call_impl.release()
+            text._compiled_call_impl = GraphedCall(text, text._call_impl) if on else None
+            n += on
     return n
-
 
 # %% ../nbs/14_backbone.ipynb #f3c9ca56
 @patch
@@ -565,74 +620,112 @@ def _check_latent(self: QwenVLBackbone, L, think_start, n_latent, vis_mask):
         raise ValueError(f"image tokens at or after think_start = {think_start}: the latent forward needs every "
                          "image in the prefix (deepstack features are added in the prefix pass)")
     if self.training and any(getattr(m, "gradient_checkpointing", False) for m in self.language_model.modules()):
-        raise RuntimeError("transformers gradient checkpointing drops the KV cache in training mode; the latent "
-                           "forward (stage >= 1) needs it off (vlm.gradient_checkpointing_disable())")
+        raise RuntimeError("transformers gradient checkpointing wraps the decoder layers' forward, which the latent "
+                           "forward (stage >= 1) does not call, so it would not apply: turn it off "
+                           "(vlm.gradient_checkpointing_disable())")
 
 # %% ../nbs/14_backbone.ipynb #6f581654
+class LatentText(nn.Module):
+    """The language model's share of a latent forward, as one module of tensors in and out: the prefix in one pass
+    (`chunk_stack`), one lean pass per thinking column (`column_stack`: the final-norm hidden state of column c-1 is
+    the input of column c; rows whose span has ended keep their token embedding), then the rest in one pass after
+    the prefix's and the columns' keys and values. Nothing is cached in an object, so `GraphedCall` can capture the
+    whole of it (`graph_regions`). It holds the backbone's decoder layers without being one of its submodules (no
+    second copy of their names in a state dict)."""
+
+    def __init__(self, backbone: "QwenVLBackbone"):
+        super().__init__()
+        lm = backbone.language_model
+        self.layers, self.norm = lm.layers, lm.norm
+        self.__dict__["backbone"] = backbone  # not a submodule
+
+    def forward(self, embeds, cos, sin, sees, is_thinking, deepstack, think_start: int, n: int, dropout: float):
+        """`cos`, `sin` (B, L, head_dim) of every column; `sees` (B, L, L) from `causal_mask`; `is_thinking` (B, n, 1);
+        `deepstack` dense additions to the prefix. Returns (chosen-layer hidden, final-norm hidden, the thinking
+        columns' inputs (B, n, H))."""
+        column_fn, chunk_fn = self.backbone._layer_fns(embeds.device)
+        layers, norm, hl, ts, L = self.layers, self.norm, self.backbone.hidden_layer, think_start, embeds.shape[1]
+        chosen, last, prefix_kv = chunk_stack(layers, norm, embeds[:, :ts], cos[:, :ts], sin[:, :ts],
+                                              sees[:, None, :ts, :ts], None, deepstack, hl, dropout, chunk_fn)
+        chosen_parts, last_parts, inputs = [chosen], [last], []
+        slots = torch.eye(n, dtype=torch.bool, device=embeds.device)
+        # requires_grad like the buffers the columns return, so the first column runs the same compiled graph
+        think_kv = [tuple(k.new_zeros(*k.shape[:2], n, k.shape[3]).requires_grad_(k.requires_grad) for _ in range(2))
+                    for k, _ in prefix_kv]
+        prev = last[:, -1:]
+        for t in range(n):
+            c = ts + t
+            x = torch.where(is_thinking[:, t : t + 1], prev.to(embeds.dtype), embeds[:, c : c + 1])
+            inputs.append(x)
+            chosen, prev, think_kv = column_stack(layers, norm, x, cos[:, c : c + 1], sin[:, c : c + 1], prefix_kv,
+                                                  think_kv, slots[t], sees[:, None, None, c, : ts + n], hl, dropout,
+                                                  column_fn)
+            chosen_parts.append(chosen)
+            last_parts.append(prev)
+        rest = ts + n
+        if rest < L:
+            past = [tuple(torch.cat(pair, 2) for pair in zip(p, t)) for p, t in zip(prefix_kv, think_kv)]
+            chosen, last, _ = chunk_stack(layers, norm, embeds[:, rest:], cos[:, rest:], sin[:, rest:],
+                                          sees[:, None, rest:], past, (), hl, dropout, chunk_fn)
+            chosen_parts.append(chosen)
+            last_parts.append(last)
+        return torch.cat(chosen_parts, 1), torch.cat(last_parts, 1), torch.cat(inputs, 1)
+
+
 @patch
 def _latent_forward(self: QwenVLBackbone, embeds, attention_mask, position_ids, vis_mask, deepstack, think_start,
                     think_counts, n_latent: int):
-    """Prefix pass, one lean pass per thinking column (hidden of column c-1 -> input of column c), then the rest.
-    `n_latent`: the most thinking tokens of a row (`think_counts.max()`, read once by the caller)."""
+    """The latent forward (`LatentText`) on what it needs computed once: rotary cos/sin of every column, who sees
+    whom, which rows are still thinking, the deepstack features as dense additions (zero off the image tokens: no
+    boolean index, no device sync). `n_latent`: the most thinking tokens of a row (`think_counts.max()`, read once
+    by the caller)."""
     B, L, _ = embeds.shape
     self._check_latent(L, think_start, n_latent, vis_mask)
-    cache = DynamicCache(config=self.vlm.config.text_config)
-    ts, lm = think_start, self.language_model
-    chosen, last = self.run_language_model(embeds[:, :ts], attention_mask[:, :ts], position_ids[:, :, :ts],
-                                           cache, None if vis_mask is None else vis_mask[:, :ts], deepstack)
-    chosen_parts, last_parts, latent_inputs = [chosen], [last], []
-    # once for all thinking columns: rotary cos/sin of their (sliced) M-RoPE positions, each column's key
-    # mask (prefix padding + the thinking columns up to itself), its slot, and which rows are still thinking
-    dev = embeds.device
+    ts, lm, dev = think_start, self.language_model, embeds.device
     mrope = position_ids[1:] if position_ids.shape[0] == 4 else position_ids  # 4 rows: text row first
-    cos, sin = lm.rotary_emb(embeds, mrope[:, :, ts : ts + n_latent])  # (B, n_latent, head_dim) each
-    steps = torch.arange(n_latent, device=dev)
-    slots = steps[:, None] == steps[None]  # (column, slot)
-    seen = attention_mask[:, ts : ts + n_latent].bool()[:, None, :] & (steps[None, :] <= steps[:, None])[None]
-    key_masks = torch.cat([attention_mask[:, None, :ts].bool().expand(-1, n_latent, -1), seen], 2)[:, :, None, None]
-    is_thinking = (think_counts.to(dev)[:, None] > steps)[:, :, None]  # (B, n_latent, 1)
-    prefix_kv = [(l.keys, l.values) for l in cache.layers]
-    # requires_grad like the buffers the columns return, so the first column runs the same compiled graph
-    think_kv = [tuple(k.new_zeros(*k.shape[:2], n_latent, k.shape[3]).requires_grad_(k.requires_grad)
-                      for _ in range(2)) for k, _ in prefix_kv]
-    step = self._column_step(dev)
+    cos, sin = lm.rotary_emb(embeds, mrope)  # (B, L, head_dim) each
+    is_thinking = (think_counts.to(dev)[:, None] > torch.arange(n_latent, device=dev))[:, :, None]
+    dense = () if deepstack is None else tuple(
+        torch.zeros_like(embeds[:, :ts]).masked_scatter(vis_mask[:, :ts, None], d.to(embeds.dtype)) for d in deepstack)
+    text = self.latent_text
+    text.training = self.training  # what `GraphedCall` reads (not a submodule: train() and eval() do not reach it)
     dropout = lm.config.attention_dropout if self.training else 0.0
-    replay = self._column_replay(embeds[:, ts : ts + 1], dropout, prefix_kv, n_latent, cos, sin, key_masks, think_kv)
-    prev = last[:, -1:]
-    for t in range(n_latent):
-        c = ts + t
-        # rows whose thinking span ended keep their ordinary token embedding in this column
-        x = torch.where(is_thinking[:, t : t + 1], prev.to(embeds.dtype), embeds[:, c : c + 1])
-        latent_inputs.append(x)
-        if replay is not None:  # from CUDA graphs (`ColumnGraphs`)
-            chosen, prev, think_kv = replay(t, x, cos[:, t : t + 1], sin[:, t : t + 1], think_kv)
-        else:
-            args = (lm.layers, lm.norm, x, cos[:, t : t + 1], sin[:, t : t + 1], prefix_kv, think_kv, slots[t],
-                    key_masks[:, t], self.hidden_layer, dropout)
-            try:
-                chosen, prev, think_kv = step(*args)
-            except Exception as e:  # compilation fails before anything is computed: fall back to eager, loudly
-                if step is column_stack:
-                    raise
-                warnings.warn(f"torch.compile of the latent column step failed ({type(e).__name__}: {e}); "
-                              "running it eagerly (set compile_columns = False to skip compiling)", stacklevel=2)
-                self.compile_columns, step = False, column_stack
-                chosen, prev, think_kv = step(*args)
-        chosen_parts.append(chosen)
-        last_parts.append(prev)
-    for layer, (pk, pv), (tk, tv) in zip(cache.layers, prefix_kv, think_kv):  # the cache for the final pass
-        layer.keys, layer.values = torch.cat([pk, tk], 2), torch.cat([pv, tv], 2)
-    return self._final_pass(embeds, attention_mask, position_ids, cache, ts + n_latent, chosen_parts, last_parts,
-                            torch.cat(latent_inputs, 1))
+    args = (embeds, cos, sin, causal_mask(attention_mask), is_thinking, dense, ts, n_latent, dropout)
+    try:
+        chosen, last, inputs = text(*args)
+    except Exception as e:  # compilation fails before anything is computed: fall back to eager, loudly
+        if not self._compiles(dev):
+            raise
+        warnings.warn(f"torch.compile of the latent forward's layer steps failed ({type(e).__name__}: {e}); "
+                      "running them eagerly (set compile_columns = False to skip compiling)", stacklevel=2)
+        self.compile_columns = False
+        chosen, last, inputs = text(*args)
+    return BackboneOutput(chosen, last, path="latent", latent_inputs=inputs,
+                          n_passes=n_latent + 1 + (ts + n_latent < L))
 
 # %% ../nbs/14_backbone.ipynb #3354a713
+@patch(as_prop=True)
+def latent_text(self: QwenVLBackbone) -> LatentText:
+    "The backbone's `LatentText`, made on first use."
+    if "_latent_text" not in self.__dict__:
+        self.__dict__["_latent_text"] = LatentText(self)
+    return self.__dict__["_latent_text"]
+
+
 @patch
-def _column_step(self: QwenVLBackbone, device):
-    "`column_stack`, compiled when `compile_columns` says so (None: on CUDA)."
+def _compiles(self: QwenVLBackbone, device) -> bool:
+    "Whether the latent forward's layer steps are compiled: `compile_columns`, None meaning on CUDA."
+    return self.compile_columns if self.compile_columns is not None else device.type == "cuda"
+
+
+@patch
+def _layer_fns(self: QwenVLBackbone, device) -> tuple:
+    "(column step, chunk step) of one decoder layer: compiled (`_compiles`), eager, or through FSDP2's hooks."
     if self.columns_sharded:
-        return partial(column_stack, layer_fn=layer_column)
-    compiled = self.compile_columns if self.compile_columns is not None else device.type == "cuda"
-    return compiled_column_step() if compiled else column_stack
+        return layer_column, layer_chunk
+    if self._compiles(device):
+        return compiled(column_layer, **region_compile_options()), compiled(chunk_layer, **region_compile_options())
+    return column_layer, chunk_layer
 
 
 def layer_column(layer, *args):
@@ -640,271 +733,16 @@ def layer_column(layer, *args):
     return layer.column(*args)
 
 
+def layer_chunk(layer, *args):
+    "A chunk of columns through `layer` by its `chunk` method (`shard_columns`)."
+    return layer.chunk(*args)
+
+
 @patch
 def shard_columns(self: QwenVLBackbone):
-    "Run the thinking columns through each decoder layer's FSDP2 hooks (a model sharded by FSDP2; see above)."
+    "Run the latent forward's passes through each decoder layer's FSDP2 hooks (a model sharded by FSDP2; see above)."
     for layer in self.language_model.layers:
-        layer.column = MethodType(column_layer, layer)
+        layer.column, layer.chunk = MethodType(column_layer, layer), MethodType(chunk_layer, layer)
         register_fsdp_forward_method(layer, "column")
+        register_fsdp_forward_method(layer, "chunk")
     self.columns_sharded, self.compile_columns = True, False
-
-
-@patch
-def _final_pass(self: QwenVLBackbone, embeds, attention_mask, position_ids, cache, rest, chosen_parts, last_parts, latent_inputs):
-    "The columns after the thinking span in one pass on the cache, then the whole sequence's output."
-    if rest < embeds.shape[1]:
-        chosen, last = self.run_language_model(embeds[:, rest:], attention_mask, position_ids[:, :, rest:], cache)
-        chosen_parts.append(chosen)
-        last_parts.append(last)
-    return BackboneOutput(torch.cat(chosen_parts, 1), torch.cat(last_parts, 1), path="latent",
-                          latent_inputs=latent_inputs, n_passes=len(last_parts))
-
-# %% ../nbs/14_backbone.ipynb #fcbdb947
-# prefix lengths one signature's graphs serve: its prefix KV are padded up to a multiple of this (the padding masked)
-PREFIX_BUCKET = 64
-
-
-class _Columns(nn.Module):
-    "The decoder layers and final norm as one module, so that `functional_call` runs a column on stand-ins."
-    def __init__(self, lm: nn.Module, step):
-        super().__init__()
-        self.layers, self.norm, self.step = lm.layers, lm.norm, step
-
-    def forward(self, *args):
-        return self.step(self.layers, self.norm, *args)
-
-
-def _pairs(flat) -> list:
-    "Keys and values in turn -> (keys, values) pairs, as `column_stack` takes them; `_flat` undoes it."
-    return [tuple(flat[i : i + 2]) for i in range(0, len(flat), 2)]
-
-
-def _flat(pairs) -> list:
-    return [a for pair in pairs for a in pair]
-
-
-def _graphed(fn, pool, eager: bool):
-    "`fn` captured as a CUDA graph in `pool`, returned as the graph's replay; `eager`: `fn` itself (tests on a CPU)."
-    if eager:
-        return fn
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, pool=pool):
-        fn()
-    return g.replay
-
-
-class _Column:
-    """Thinking column `t` of a `_Signature`: static inputs, outputs and gradients, a forward and a backward graph.
-    The backward writes the gradients of the column's inputs and adds those of the prefix KV and of the decoder
-    parameters into sums shared by the columns (column n - 1, the first to run backward, writes them)."""
-    def __init__(self, sig: "_Signature", t: int, x, cos, sin, key_mask, think_kv):
-        self.sig, self.t = sig, t
-        self.x = x.detach().clone().requires_grad_(True)
-        self.rest = [a.detach().clone() for a in (cos, sin, key_mask)]
-        self.think = [a.detach().clone().requires_grad_(True) for a in think_kv]  # as every column returns them
-        self.slot = torch.arange(sig.n, device=x.device) == t
-
-    def run(self):
-        "The column on the static inputs: the column step on the parameters' stand-ins."
-        g = self.sig.graphs
-        cos, sin, key_mask = self.rest
-        chosen, last, kv = torch.func.functional_call(g.columns, g.stand_ins, (
-            self.x, cos, sin, _pairs(self.sig.prefix), _pairs(self.think), self.slot, key_mask,
-            g.backbone.hidden_layer, 0.0))
-        self.outs = [chosen, last, *_flat(kv)]
-
-    def grads(self, grad_out) -> tuple:
-        "Gradients of the column's static inputs, the prefix KV and the parameters' stand-ins."
-        inputs = [self.x, *self.think, *self.sig.prefix, *self.sig.graphs.stand_ins.values()]
-        return torch.autograd.grad(self.outs, inputs, grad_out, allow_unused=True, materialize_grads=True)
-
-    def backward_pass(self):
-        "Gradients of the column's inputs; the prefix KV's and parameters' added into the shared sums."
-        sig, g = self.sig, self.sig.graphs
-        grads = self.grads(self.grad_out)
-        k, m = 1 + len(self.think), len(sig.prefix)
-        torch._foreach_copy_(self.grad_in, grads[:k])
-        into = torch._foreach_copy_ if self.t == sig.n - 1 else torch._foreach_add_
-        into(sig.prefix_grad, grads[k : k + m])
-        into(g.param_grad, grads[k + m :])
-
-    def build(self):
-        "Warm up (compiling; on a GPU on a side stream, with backwards, as `make_graphed_callables`), then capture."
-        g = self.sig.graphs
-        if g.eager:
-            self.run()
-        else:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    self.run()
-                    self.grads([torch.ones_like(o) for o in self.outs])
-            torch.cuda.current_stream().wait_stream(s)
-        self.grad_out = [torch.zeros_like(o) for o in self.outs]
-        # Nothing of the warm-up's autograd graph may outlive it: it holds the gradient accumulators of the static
-        # leaves (stand-ins, inputs), made on the warm-up's stream, and a capture reaching one of another stream
-        # syncs with it, which ends the capture.
-        self.outs = None
-        # the forward's activations stay in its pool until its backward: a pool of its own (see `GraphedCall`)
-        self.forward_pass = _graphed(self.run, None if g.eager else torch.cuda.graph_pool_handle(), g.eager)
-        self.grad_in = [torch.zeros_like(a) for a in (self.x, *self.think)]
-        # the backward's outputs are these buffers, outside its pool: every backward graph can share one pool
-        self.backward_replay = _graphed(self.backward_pass, g.pool, g.eager)
-
-
-class _Signature:
-    """The graphs of one latent batch shape (batch, KV heads, prefix bucket, columns, dtypes, autocast): a `_Column`
-    per thinking column, the prefix KV they read and the prefix KV's gradients summed over the columns."""
-    def __init__(self, graphs: "ColumnGraphs", prefix_kv, n: int):
-        self.graphs, self.n, self.pending, self.columns = graphs, n, False, []
-        k = prefix_kv[0]
-        bucket = -(-k.shape[2] // PREFIX_BUCKET) * PREFIX_BUCKET
-        self.prefix = [a.new_zeros(*a.shape[:2], bucket, a.shape[3]).requires_grad_(True) for a in prefix_kv]
-        self.prefix_grad = [torch.zeros_like(a) for a in self.prefix]
-        self.token_grad = k.new_zeros((), dtype=torch.float32)
-
-    def build(self, x, cos, sin, key_masks, think_kv):
-        for t in range(self.n):
-            self.columns.append(_Column(self, t, x, cos[:, t : t + 1], sin[:, t : t + 1], key_masks[:, t], think_kv))
-            self.columns[-1].build()
-
-    def load(self, prefix_kv):
-        "This step's prefix KV into the graphs' (past them zeros: masked keys, never NaN)."
-        P = prefix_kv[0].shape[2]
-        torch._foreach_copy_([a[:, :, :P] for a in self.prefix], list(prefix_kv))
-        torch._foreach_zero_([a[:, :, P:] for a in self.prefix])
-
-    def pad_mask(self, key_masks, P: int):
-        "Key masks (B, n, 1, 1, P + n) -> (B, n, 1, 1, bucket + n), the padded prefix positions masked."
-        pad = key_masks.new_zeros(*key_masks.shape[:-1], self.prefix[0].shape[2] - P)
-        return torch.cat([key_masks[..., :P], pad, key_masks[..., P:]], -1)
-
-
-class _Gather(torch.autograd.Function):
-    """Loads the prefix KV into a signature's graphs. Its output, a scalar, is an input of every column (`_Replay`),
-    so its backward runs after theirs and hands autograd the gradients they summed: the prefix KV's and the decoder
-    parameters' (which then reach `.grad`, and DDP's hooks, as from any backward)."""
-    @staticmethod
-    def forward(ctx, sig, n_kv: int, *tensors):
-        ctx.sig, ctx.P = sig, tensors[0].shape[2]
-        sig.load(tensors[:n_kv])
-        sig.pending = True  # its columns' activations are in use until this backward
-        return sig.token_grad.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, _):
-        sig, P = ctx.sig, ctx.P
-        sig.pending = False
-        # the sums themselves, not copies: autograd adds tensors it does not own into `.grad`, never adopts them
-        return (None, None, *(a[:, :, :P] for a in sig.prefix_grad), *sig.graphs.param_grad)
-
-
-class _Replay(torch.autograd.Function):
-    "Thinking column `t` of a signature from its graphs: copy the inputs in, replay, return the outputs."
-    @staticmethod
-    def forward(ctx, sig, t: int, token, x, cos, sin, key_mask, *think_kv):
-        ctx.sig, ctx.t = sig, t
-        col = sig.columns[t]
-        torch._foreach_copy_([col.x, *col.rest, *col.think], [x, cos, sin, key_mask, *think_kv])
-        with torch.enable_grad():
-            col.forward_pass()
-        return tuple(o.detach() for o in col.outs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        col = ctx.sig.columns[ctx.t]
-        torch._foreach_copy_(col.grad_out, list(grads))
-        col.backward_replay()
-        gx, *gkv = col.grad_in
-        return (None, None, ctx.sig.token_grad, gx, None, None, None, *(gkv if ctx.t else [None] * len(gkv)))
-
-
-class ColumnGraphs:
-    """The thinking columns of a latent training step replayed from CUDA graphs (`framework.qwenvl.cuda_graphs`).
-
-    A latent step at n = 8 runs 8 columns x 28 decoder layers, forward and backward, as 448 compiled calls of a few
-    small kernels each: launches, not arithmetic, set its time (bench/README.md). Here each column is one forward
-    and one backward graph, captured the first time a batch shape is seen (`_Signature`: batch, prefix length up to
-    a multiple of `PREFIX_BUCKET`, column count, dtypes, autocast) and replayed with one launch each.
-
-    `make_graphed_callables` does not fit: every column reads every parameter, and it would give each column's
-    backward a gradient buffer per parameter (8 copies of the decoder's gradients at n = 8). Here the columns'
-    backward graphs add the parameters' and the prefix KV's gradients into one shared sum each, which `_Gather`
-    hands to autograd once, after the last column's backward. Captures run on stand-ins of the parameters (leaves
-    sharing their storage), so DDP's gradient accumulators never enter a capture (see `_Region`).
-
-    The compiled columns serve everything else: outside training or without gradients, attention dropout, FSDP's
-    sharded columns, a second latent forward of one shape before the first one's backward (its activations live
-    in the graphs), moved parameters (the graphs are dropped and captured again), more than
-    `MAX_GRAPHED_SIGNATURES` shapes, or a device short of memory (`graph_memory_room`). `eager`: plain calls in
-    place of graphs, so that the bookkeeping is tested on a CPU."""
-
-    def __init__(self, backbone: nn.Module, eager: bool = False):
-        self.backbone, self.eager = backbone, eager
-        self.release()
-
-    def release(self):
-        "Drop every signature's graphs and the shared buffers."
-        self.sigs, self.stand_ins, self.param_grad, self.ptrs = {}, None, None, None
-
-    def _prepare(self, device):
-        "Stand-ins of the trainable decoder parameters and their gradients' sum (one per parameter, all shapes)."
-        self.columns = _Columns(self.backbone.language_model, self.backbone._column_step(device))
-        named = [(n, p) for n, p in self.columns.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
-        self.stand_ins = {n: nn.Parameter(p.detach()) for n, p in named}
-        self.param_grad = [torch.zeros_like(p) for p in self.params]
-        self.ptrs = [p.data_ptr() for p in self.params]
-        self.pool = None if self.eager else torch.cuda.graph_pool_handle()
-
-    def usable(self, embeds, dropout: float) -> bool:
-        bb = self.backbone
-        return (bb.training and torch.is_grad_enabled() and not torch.compiler.is_compiling() and not dropout
-                and not bb.columns_sharded and embeds.requires_grad and (self.eager or embeds.is_cuda))
-
-    def signature(self, prefix_kv, n: int, x, cos, sin, key_masks, think_kv) -> Optional[_Signature]:
-        "The graphs of this batch's shape, captured on first use; None where the compiled columns serve it."
-        if self.ptrs is None or self.ptrs != [p.data_ptr() for p in self.params]:
-            self.release()
-            self._prepare(x.device)
-        k = prefix_kv[0]
-        key = (tuple(k.shape[:2]), -(-k.shape[2] // PREFIX_BUCKET), n, x.dtype, k.dtype,
-               torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
-        if key in self.sigs:
-            sig = self.sigs[key]
-            return None if sig is None or sig.pending else sig
-        if len(self.sigs) >= MAX_GRAPHED_SIGNATURES:
-            return None
-
-        def capture():
-            sig = _Signature(self, prefix_kv, n)
-            with torch.no_grad():
-                sig.load(prefix_kv)
-            sig.build(x, cos, sin, sig.pad_mask(key_masks, k.shape[2]), think_kv)
-            return sig
-        self.sigs[key] = guarded_capture("the thinking columns", x.device, capture, check_room=not self.eager)
-        return self.sigs[key]
-
-    def run(self, sig, prefix_kv: list, key_masks):
-        """A function of (t, x, cos, sin, think_kv) -> (chosen, last, think_kv) replaying `sig`'s columns, which read
-        `prefix_kv` (flat: keys and values of each layer in turn)."""
-        token = _Gather.apply(sig, len(prefix_kv), *prefix_kv, *self.params)
-        masks = sig.pad_mask(key_masks, prefix_kv[0].shape[2])
-
-        def column(t, x, cos, sin, think_kv):
-            out = _Replay.apply(sig, t, token, x, cos, sin, masks[:, t], *_flat(think_kv))
-            return out[0], out[1], _pairs(out[2:])
-        return column
-
-
-@patch
-def _column_replay(self: QwenVLBackbone, x, dropout, prefix_kv, n: int, cos, sin, key_masks, think_kv):
-    "`ColumnGraphs.run` for this batch where the thinking columns can replay CUDA graphs, else None."
-    graphs = self.column_graphs
-    if graphs is None or not graphs.usable(x, dropout):
-        return None
-    prefix_kv = _flat(prefix_kv)
-    sig = graphs.signature(prefix_kv, n, x, cos, sin, key_masks, _flat(think_kv))
-    return None if sig is None else graphs.run(sig, prefix_kv, key_masks)
-

@@ -21,7 +21,7 @@ from torch.profiler import record_function
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
 
-from .backbone import QwenVLBackbone
+from .backbone import QwenVLBackbone, causal_mask, chunk_layer, chunk_stack, compiled
 from .collate import ECoTCollator, PromptBatch
 from .config import TAGS
 from .render import TAG_SEPARATOR, THINKING_TOKENS, check_stage, thinking_count
@@ -29,9 +29,8 @@ from .transforms import normalize_bounds_q99, resize_image
 
 # %% auto #0
 __all__ = ['ActingSpec', 'json_ready', 'dataset_statistics_of', 'action_statistics', 'unnormalize_actions', 'observation_sample',
-           'parse_reasoning', 'compiled', 'vision_inputs', 'vision_block', 'vision_pass', 'prompt_layer', 'prompt_pass',
-           'FusedProjections', 'decode_layer', 'image_positions', 'ColumnState', 'Graphed', 'Reasoned', 'Reasoner',
-           'teacher_forced_gap']
+           'parse_reasoning', 'vision_inputs', 'vision_block', 'vision_pass', 'prompt_pass', 'FusedProjections',
+           'decode_layer', 'image_positions', 'ColumnState', 'Graphed', 'Reasoned', 'Reasoner', 'teacher_forced_gap']
 
 # %% ../nbs/17_inference.ipynb #a453c508
 @dataclass(frozen=True)
@@ -164,16 +163,6 @@ def parse_reasoning(text: str, tags: Sequence[str] = TAGS) -> dict[str, str]:
     return {tag: body.strip() for tag, body in zip(parts[1::2], parts[2::2])}
 
 # %% ../nbs/17_inference.ipynb #13d46619
-_COMPILED: dict = {}
-
-
-def compiled(fn: Callable) -> Callable:
-    "`fn` through `torch.compile` (whole graph, dynamic shapes: one graph for every block, layer and request shape), built once."
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=True)
-    return _COMPILED[fn]
-
-
 def vision_inputs(visual, grid_thw: torch.Tensor) -> dict:
     "The grid-dependent inputs of the vision tower: interpolation indices/weights, rotary positions, attention mask."
     grid_thw = grid_thw.to(next(visual.parameters()).device)
@@ -213,41 +202,18 @@ def vision_pass(visual, pixel_values, inputs: dict, compile: bool = False) -> tu
     return visual.merger(x), deepstack
 
 # %% ../nbs/17_inference.ipynb #ad7fbb05
-def prompt_layer(layer, x, cos, sin, attn_mask):
-    "Prompt columns `x` (B, P, H) through one decoder layer: (output, keys, values) with keys/values (B, kv, P, D)."
-    attn = layer.self_attn
-    B, P, _ = x.shape
-    h = layer.input_layernorm(x)
-    q = attn.q_norm(attn.q_proj(h).view(B, P, -1, attn.head_dim)).transpose(1, 2)
-    k = attn.k_norm(attn.k_proj(h).view(B, P, -1, attn.head_dim)).transpose(1, 2)
-    v = attn.v_proj(h).view(B, P, -1, attn.head_dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=attn.scaling, enable_gqa=True)
-    x = x + attn.o_proj(o.transpose(1, 2).reshape(B, P, -1))
-    return x + layer.mlp(layer.post_attention_layernorm(x)), k, v
-
-
 def prompt_pass(backbone: QwenVLBackbone, embeds, attention_mask, position_ids, vis_idx=None, deepstack=None,
                 compile: bool = False):
-    """The prompt through the language model: (chosen-layer hidden, final-norm hidden, [(keys, values)] per layer).
-    `vis_idx`: the image tokens' positions in the flattened (B·P) prompt, where `deepstack` features are added."""
-    layer_fn = compiled(prompt_layer) if compile else prompt_layer
-    lm, n = backbone.language_model, backbone.hidden_layer
+    """The prompt through the language model (`chunk_stack`, training's prefix pass): (chosen-layer hidden, final-norm
+    hidden, [(keys, values)] per layer). `vis_idx`: the image tokens' positions in the flattened (B·P) prompt, where
+    `deepstack` features are added."""
+    lm = backbone.language_model
     B, P, H = embeds.shape
     cos, sin = lm.rotary_emb(embeds, position_ids[1:] if position_ids.shape[0] == 4 else position_ids)
-    causal = torch.ones(P, P, dtype=torch.bool, device=embeds.device).tril()
-    eye = torch.eye(P, dtype=torch.bool, device=embeds.device)
-    mask = ((causal & attention_mask.bool()[:, None, :]) | eye)[:, None]  # (B, 1, P, P)
-    x, kv, chosen = embeds, [], embeds
-    for i, layer in enumerate(lm.layers):
-        x, k, v = layer_fn(layer, x, cos, sin, mask)
-        kv.append((k, v))
-        if i + 1 == n:
-            chosen = x
-        if deepstack is not None and i < len(deepstack):  # transformers' _deepstack_process, no boolean index
-            x = x.reshape(B * P, H).index_add(0, vis_idx, deepstack[i].to(x.dtype)).view(B, P, H)
-    last = lm.norm(x)
-    return (last if n in (-1, len(lm.layers)) else chosen), last, kv
+    dense = () if deepstack is None else tuple(  # transformers' _deepstack_process, no boolean index
+        embeds.new_zeros(B * P, H).index_add(0, vis_idx, d.to(embeds.dtype)).view(B, P, H) for d in deepstack)
+    return chunk_stack(lm.layers, lm.norm, embeds, cos, sin, causal_mask(attention_mask)[:, None], None, dense,
+                       backbone.hidden_layer, 0.0, compiled(chunk_layer) if compile else chunk_layer)
 
 # %% ../nbs/17_inference.ipynb #b3c78f17
 class FusedProjections:

@@ -68,8 +68,13 @@ def loop_latent_forward(backbone: QwenVLBackbone, input_ids, attention_mask, pos
         chosen_parts.append(chosen)
         last_parts.append(last)
         prev = last[:, -1]
-    out = backbone._final_pass(embeds, attention_mask, position_ids, cache, ts + n_latent, chosen_parts, last_parts,
-                               torch.stack(latent_inputs, 1))
+    rest = ts + n_latent  # the rest of the sequence in one call on the cache
+    if rest < embeds.shape[1]:
+        chosen, last = backbone.run_language_model(embeds[:, rest:], attention_mask, position_ids[:, :, rest:], cache)
+        chosen_parts.append(chosen)
+        last_parts.append(last)
+    out = BackboneOutput(torch.cat(chosen_parts, 1), torch.cat(last_parts, 1), path="latent",
+                         latent_inputs=torch.stack(latent_inputs, 1), n_passes=len(last_parts))
     if labels is not None:
         out.vlm_loss = causal_lm_loss(backbone.vlm.lm_head, out.last_hidden_state, labels)
     if return_logits:
