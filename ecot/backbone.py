@@ -645,7 +645,8 @@ class LatentText(nn.Module):
         columns' inputs (B, n, H))."""
         column_fn, chunk_fn = self.backbone._layer_fns(embeds.device)
         layers, norm, hl, ts, L = self.layers, self.norm, self.backbone.hidden_layer, think_start, embeds.shape[1]
-        chosen, last, prefix_kv = chunk_stack(layers, norm, embeds[:, :ts], cos[:, :ts], sin[:, :ts],
+        # the chunks contiguous, like every later layer's input: a view would compile a graph of its own for layer 0
+        chosen, last, prefix_kv = chunk_stack(layers, norm, embeds[:, :ts].contiguous(), cos[:, :ts], sin[:, :ts],
                                               sees[:, None, :ts, :ts], None, deepstack, hl, dropout, chunk_fn)
         chosen_parts, last_parts, inputs = [chosen], [last], []
         slots = torch.eye(n, dtype=torch.bool, device=embeds.device)
@@ -665,7 +666,7 @@ class LatentText(nn.Module):
         rest = ts + n
         if rest < L:
             past = [tuple(torch.cat(pair, 2) for pair in zip(p, t)) for p, t in zip(prefix_kv, think_kv)]
-            chosen, last, _ = chunk_stack(layers, norm, embeds[:, rest:], cos[:, rest:], sin[:, rest:],
+            chosen, last, _ = chunk_stack(layers, norm, embeds[:, rest:].contiguous(), cos[:, rest:], sin[:, rest:],
                                           sees[:, None, rest:], past, (), hl, dropout, chunk_fn)
             chosen_parts.append(chosen)
             last_parts.append(last)
