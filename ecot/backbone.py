@@ -677,8 +677,8 @@ class LatentText(nn.Module):
 def _latent_forward(self: QwenVLBackbone, embeds, attention_mask, position_ids, vis_mask, deepstack, think_start,
                     think_counts, n_latent: int):
     """The latent forward (`LatentText`) on what it needs computed once: rotary cos/sin of every column, who sees
-    whom, which rows are still thinking, the deepstack features as dense additions (zero off the image tokens: no
-    boolean index, no device sync). `n_latent`: the most thinking tokens of a row (`think_counts.max()`, read once
+    whom, which rows are still thinking, the deepstack features as dense additions (zero off the image tokens; their
+    backward still reads the image count to the host, as `embed`'s scatter does). `n_latent`: the most thinking tokens of a row (`think_counts.max()`, read once
     by the caller)."""
     B, L, _ = embeds.shape
     self._check_latent(L, think_start, n_latent, vis_mask)
