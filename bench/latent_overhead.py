@@ -143,6 +143,24 @@ def profile_step(policy, batch, device, rows: int = 14):
         busy = sum(e.device_time for e in kernels) / 1e3
         print(f"{len(kernels)} kernels, {busy:.1f} ms of kernel time in the profiled forward + backward "
               f"({wall:.1f} ms wall under the profiler)", flush=True)
+        by_kind = {}
+        for e in kernels:
+            n, t = by_kind.get(kernel_kind(e.name), (0, 0.0))
+            by_kind[kernel_kind(e.name)] = (n + 1, t + e.device_time / 1e3)
+        print("kernel time by kind: " + ", ".join(f"{k} {t:.1f} ms ({n})" for k, (n, t) in
+                                                  sorted(by_kind.items(), key=lambda kv: -kv[1][1])), flush=True)
+
+
+KINDS = (("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk")),
+         ("attention", ("fmha", "flash", "attention", "efficient")),
+         ("fused (inductor)", ("triton",)), ("memcpy/memset", ("memcpy", "memset")),
+         ("reduction", ("reduce",)), ("elementwise", ("elementwise", "vectorized", "unrolled")))
+
+
+def kernel_kind(name: str) -> str:
+    "A kernel's kind by its name, for the profile's summary."
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
 
 
 def run_cases(policy, a, device, label: str) -> tuple:
@@ -194,7 +212,7 @@ def main():
                          "columns replayed from CUDA graphs), or every case eager (auto: compiled on CUDA); several: "
                          "one after the other in this process, each against its own stage-0 step")
     ap.add_argument("--check", action="store_true", help="first compare both KV paths with the reference on the device")
-    ap.add_argument("--profile", action="store_true", help="profile one latent step at the largest n")
+    ap.add_argument("--profile", action="store_true", help="profile one stage-0 step and one latent step at the largest n")
     a = ap.parse_args()
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -209,8 +227,10 @@ def main():
         if a.check:
             check_exactness(policy, device, max(a.n))
         tables[label] = run_cases(policy, a, device, label)
-        if a.profile:
-            profile_step(policy, make_batch(vlm, max(a.n), a.batch, a.tokens, a.image, device), device)
+        if a.profile:  # the stage-0 step beside the latent one: where the latent step's extra time goes
+            for n in (0, max(a.n)):
+                print(f"profile, {'stage 0' if n == 0 else f'latent n = {n}'} ({label}):", flush=True)
+                profile_step(policy, make_batch(vlm, n, a.batch, a.tokens, a.image, device), device)
     for label, (base_t, rows) in tables.items():
         print(f"\nstep time (median / mean of {a.steps} steps) and peak memory relative to the stage-0 step "
               f"({base_t['median'] * 1e3:.1f} / {base_t['mean'] * 1e3:.1f} ms): same model, batch and sequence, all "
