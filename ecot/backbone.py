@@ -30,12 +30,12 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb,
 from .config import TINY_VLM  # the `framework.qwenvl.base_vlm` value of the tiny preset
 
 # %% auto #0
-__all__ = ['VISION_TOKENS', 'MAX_GRAPHED_SIGNATURES', 'GRAPH_FREE_FRACTION', 'GRAPH_CAPTURES', 'vlm_token_ids',
+__all__ = ['VISION_TOKENS', 'PROJECTIONS', 'MAX_GRAPHED_SIGNATURES', 'GRAPH_FREE_FRACTION', 'GRAPH_CAPTURES', 'vlm_token_ids',
            'mrope_section_for', 'tiny_qwen3vl_config', 'resolve_attn_implementation', 'build_qwen3vl',
-           'resize_for_tokenizer', 'BackboneOutput', 'causal_lm_loss', 'column_layer', 'chunk_layer', 'causal_mask',
-           'column_stack', 'chunk_stack', 'region_compile_options', 'compiled', 'frames_attention', 'QwenVLBackbone',
-           'graph_memory_room', 'guarded_capture', 'GraphedCall', 'graph_regions', 'LatentText', 'layer_column',
-           'layer_chunk']
+           'resize_for_tokenizer', 'BackboneOutput', 'causal_lm_loss', 'projection_groups', 'column_layer',
+           'chunk_layer', 'causal_mask', 'column_stack', 'chunk_stack', 'region_compile_options', 'compiled',
+           'frames_attention', 'QwenVLBackbone', 'graph_memory_room', 'guarded_capture', 'GraphedCall', 'graph_regions',
+           'ColumnGrads', 'LatentText', 'layer_column', 'layer_chunk']
 
 # %% ../nbs/14_backbone.ipynb #543c5e51
 VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
@@ -194,20 +194,47 @@ def _attend(q, prefix_k, prefix_v, think_k, think_v, key_mask, scale: float, dro
     return p[..., :P] @ prefix_v + p[..., P:] @ think_v
 
 
-def column_layer(layer, x, cos, sin, pk, pv, tk, tv, slot, key_mask, dropout_p: float = 0.0):
-    "One thinking column `x` (B, 1, H) through one decoder layer: (output, thinking keys, thinking values)."
-    attn, B = layer.self_attn, x.shape[0]
+# the projections of a decoder layer, grouped by the input they read (the input norm's output, the attention's
+# output, the post-attention norm's output, the MLP's activation)
+PROJECTIONS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+               ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def projection_groups(layer) -> list[list[nn.Linear]]:
+    "`layer`'s projections as `PROJECTIONS` groups them."
+    return [[layer.get_submodule(p) for p in group] for group in PROJECTIONS]
+
+
+def _project(x, modules, deferred=None):
+    """`[m(x) for m in modules]`; with `deferred` (the modules' weights stacked, detached; a tap: zeros shaped like the
+    outputs, whose gradient is then theirs), one product, the weights' gradients left to `ColumnGrads`."""
+    if deferred is None:
+        return [m(x) for m in modules]
+    weight, tap = deferred
+    return (F.linear(x, weight) + tap).split([m.out_features for m in modules], -1)
+
+
+def column_layer(layer, x, cos, sin, pk, pv, tk, tv, slot, key_mask, dropout_p: float = 0.0, deferred=None):
+    """One thinking column `x` (B, 1, H) through one decoder layer: (output, thinking keys, thinking values, the
+    projections' inputs, one per `PROJECTIONS` group). `deferred`: ([stacked weight per group], tap), from
+    `ColumnGrads`."""
+    attn, mlp, B, D = layer.self_attn, layer.mlp, x.shape[0], layer.self_attn.head_dim
+    groups = projection_groups(layer)
+    d = [None] * len(groups) if deferred is None else list(
+        zip(deferred[0], deferred[1].split([sum(m.out_features for m in g) for g in groups], -1)))
     h = layer.input_layernorm(x)
-    q = attn.q_norm(attn.q_proj(h).view(B, 1, -1, attn.head_dim))  # (B, 1, heads, D)
-    k = attn.k_norm(attn.k_proj(h).view(B, 1, -1, attn.head_dim))  # (B, 1, kv_heads, D)
-    v = attn.v_proj(h).view(B, 1, -1, attn.head_dim)
+    q, k, v = _project(h, groups[0], d[0])
+    q, k = attn.q_norm(q.view(B, 1, -1, D)), attn.k_norm(k.view(B, 1, -1, D))  # (B, 1, heads or kv_heads, D)
     q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
     tk = torch.where(slot[:, None], k.transpose(1, 2), tk)  # this column's keys into its slot
-    tv = torch.where(slot[:, None], v.transpose(1, 2), tv)
-    q = q.reshape(B, pk.shape[1], -1, attn.head_dim)  # query head j uses KV head j // G (as repeat_kv)
-    o = _attend(q, pk, pv, tk, tv, key_mask, attn.scaling, dropout_p)
-    x = x + attn.o_proj(o.reshape(B, 1, -1))
-    return x + layer.mlp(layer.post_attention_layernorm(x)), tk, tv
+    tv = torch.where(slot[:, None], v.view(B, 1, -1, D).transpose(1, 2), tv)
+    q = q.reshape(B, pk.shape[1], -1, D)  # query head j uses KV head j // G (as repeat_kv)
+    o = _attend(q, pk, pv, tk, tv, key_mask, attn.scaling, dropout_p).reshape(B, 1, -1)
+    x = x + _project(o, groups[1], d[1])[0]
+    h2 = layer.post_attention_layernorm(x)
+    gate, up = _project(h2, groups[2], d[2])
+    a = mlp.act_fn(gate) * up  # Qwen3-VL's gated MLP
+    return x + _project(a, groups[3], d[3])[0], tk, tv, (h, o, h2, a)
 
 
 def chunk_layer(layer, x, cos, sin, attn_mask, past_k=None, past_v=None, dropout_p: float = 0.0):
@@ -256,7 +283,7 @@ def _through_layers(layers, norm, x, hidden_layer: int, layer_step, deepstack=()
 
 
 def column_stack(layers, norm, x, cos, sin, prefix_kv, think_kv, slot, key_mask, hidden_layer: int = -1,
-                 dropout_p: float = 0.0, layer_fn=column_layer):
+                 dropout_p: float = 0.0, layer_fn=column_layer, deferred=None):
     """One thinking column `x` (B, 1, H) through every decoder layer, built from the layers' own submodules.
 
     `prefix_kv[i]` are layer i's prefix keys/values (B, kv_heads, P, D), read but never copied;
@@ -266,12 +293,16 @@ def column_stack(layers, norm, x, cos, sin, prefix_kv, think_kv, slot, key_mask,
 
     With a single query column the `G` query heads sharing a KV head are laid out as `G` queries of that head,
     so neither repeated K/V nor a causal mask is needed: what transformers computes with `repeat_kv` and a 4-D
-    mask, reshaped. Returns (chosen-layer hidden, final-norm hidden, new `think_kv`)."""
+    mask, reshaped. `deferred`, if given: layer i's is `deferred[i]` (`ColumnGrads.column`).
+    Returns (chosen-layer hidden, final-norm hidden, new `think_kv`, [projection inputs of each layer])."""
+    inputs = []
     def step(i, layer, x):
         (pk, pv), (tk, tv) = prefix_kv[i], think_kv[i]
-        x, tk, tv = layer_fn(layer, x, cos, sin, pk, pv, tk, tv, slot, key_mask, dropout_p)
+        x, tk, tv, ins = layer_fn(layer, x, cos, sin, pk, pv, tk, tv, slot, key_mask, dropout_p,
+                                  None if deferred is None else deferred[i])
+        inputs.append(ins)
         return x, (tk, tv)
-    return _through_layers(layers, norm, x, hidden_layer, step)
+    return *_through_layers(layers, norm, x, hidden_layer, step), inputs
 
 
 def chunk_stack(layers, norm, x, cos, sin, attn_mask, past_kv=None, deepstack=(), hidden_layer: int = -1,
@@ -624,6 +655,84 @@ def _check_latent(self: QwenVLBackbone, L, think_start, n_latent, vis_mask):
                            "forward (stage >= 1) does not call, so it would not apply: turn it off "
                            "(vlm.gradient_checkpointing_disable())")
 
+# %% ../nbs/14_backbone.ipynb #4fc61a3a
+class _Anchor(torch.autograd.Function):
+    "A scalar made from the weights; its backward, after the taps', returns their gradients (`ColumnGrads`)."
+    @staticmethod
+    def forward(ctx, grads, *weights):
+        ctx.grads = grads
+        ctx.set_materialize_grads(False)
+        return weights[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        return None, *ctx.grads.weight_grads(ctx.needs_input_grad[1:])
+
+
+class _Tap(torch.autograd.Function):
+    "Zeros of `shape` made from the anchor; their gradient, the projections' output gradients, goes to `ColumnGrads`."
+    @staticmethod
+    def forward(ctx, anchor, grads, shape, dtype):
+        ctx.grads = grads
+        return anchor.new_zeros(shape, dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.grads.outputs = g
+        return None, None, None, None
+
+
+class ColumnGrads:
+    """The weight gradients of a latent forward's `n` thinking columns through `layers`, formed once for all columns
+    (see above), in the dtype the projections compute in on `x`'s device. `taps(x)` makes the taps of every column
+    (the autograd side: the anchor and the taps' node hold this object, and it holds no tensor of the graph, so no
+    reference cycle keeps a step's tensors alive after its backward); `column(t, taps)` is column t's `deferred` for
+    `column_stack`; `keep(t, inputs)` keeps its projections' inputs."""
+    def __init__(self, layers, n: int, x):
+        self.layers, self.n, self.inputs, self.outputs = layers, n, [None] * n, None
+        self.groups = [projection_groups(layer) for layer in layers]
+        dev = x.device.type
+        self.dtype = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                      else self.groups[0][0][0].weight.dtype)
+        # each group's weights stacked, in the dtype they compute in: one product a group, one cast a forward
+        self.stacked = [[torch.cat([m.weight.detach() for m in g]).to(self.dtype) for g in groups]
+                        for groups in self.groups]
+
+    @staticmethod
+    def applies(layers) -> bool:
+        "Projections without biases (Qwen3-VL's): a bias's gradient would need the taps' sums as well."
+        return all(m.bias is None for layer in layers for g in projection_groups(layer) for m in g)
+
+    def taps(self, x):
+        "The taps of every column (n, layers, B, 1, width) for column inputs like `x` (B, ...)."
+        anchor = _Anchor.apply(self, *(m.weight for groups in self.groups for g in groups for m in g))
+        width = sum(m.out_features for g in self.groups[0] for m in g)
+        return _Tap.apply(anchor, self, (self.n, len(self.layers), x.shape[0], 1, width), self.dtype)
+
+    def column(self, t: int, taps) -> list:
+        "Column t's `deferred` per layer: (stacked weights, tap)."
+        return list(zip(self.stacked, taps[t]))
+
+    def keep(self, t: int, inputs):
+        "Column t's projection inputs, per layer (`column_stack`'s last result)."
+        self.inputs[t] = [tuple(x.detach() for x in ins) for ins in inputs]
+
+    def weight_grads(self, needed) -> list:
+        "The weights' gradients (None where not `needed`): per layer and group, outputs' gradients x inputs, stacked."
+        ran = [t for t, ins in enumerate(self.inputs) if ins is not None]
+        grads = []
+        for i, groups in enumerate(self.groups):
+            g, start = self.outputs[ran, i].flatten(0, -2), 0  # (columns x B, width)
+            for j, mods in enumerate(groups):
+                x = torch.cat([self.inputs[t][i][j] for t in ran]).flatten(0, -2).to(g.dtype)
+                width = sum(m.out_features for m in mods)
+                dw = g[:, start : start + width].T @ x  # the group's weights' gradients at once
+                grads += [d.to(m.weight.dtype) for d, m in zip(dw.split([m.out_features for m in mods]), mods)]
+                start += width
+        self.inputs, self.outputs, self.stacked = [None] * self.n, None, None  # their memory back now
+        return [d if need else None for d, need in zip(grads, needed)]
+
+
 # %% ../nbs/14_backbone.ipynb #6f581654
 class LatentText(nn.Module):
     """The language model's share of a latent forward, as one module of tensors in and out: the prefix in one pass
@@ -654,13 +763,20 @@ class LatentText(nn.Module):
         think_kv = [tuple(k.new_zeros(*k.shape[:2], n, k.shape[3]).requires_grad_(k.requires_grad) for _ in range(2))
                     for k, _ in prefix_kv]
         prev = last[:, -1:]
+        # the columns' weight gradients at once (not under FSDP2, whose hooks gather the weights inside each layer)
+        grads = (ColumnGrads(layers, n, embeds) if torch.is_grad_enabled() and not self.backbone.columns_sharded
+                 and ColumnGrads.applies(layers) else None)
+        taps = None if grads is None else grads.taps(embeds)
         for t in range(n):
             c = ts + t
             x = torch.where(is_thinking[:, t : t + 1], prev.to(embeds.dtype), embeds[:, c : c + 1])
             inputs.append(x)
-            chosen, prev, think_kv = column_stack(layers, norm, x, cos[:, c : c + 1], sin[:, c : c + 1], prefix_kv,
-                                                  think_kv, slots[t], sees[:, None, None, c, : ts + n], hl, dropout,
-                                                  column_fn)
+            chosen, prev, think_kv, ins = column_stack(layers, norm, x, cos[:, c : c + 1], sin[:, c : c + 1],
+                                                       prefix_kv, think_kv, slots[t], sees[:, None, None, c, : ts + n],
+                                                       hl, dropout, column_fn,
+                                                       None if grads is None else grads.column(t, taps))
+            if grads is not None:
+                grads.keep(t, ins)
             chosen_parts.append(chosen)
             last_parts.append(prev)
         rest = ts + n
