@@ -655,7 +655,7 @@ def _check_latent(self: QwenVLBackbone, L, think_start, n_latent, vis_mask):
                            "forward (stage >= 1) does not call, so it would not apply: turn it off "
                            "(vlm.gradient_checkpointing_disable())")
 
-# %% ../nbs/14_backbone.ipynb #4fc61a3a
+# %% ../nbs/14_backbone.ipynb #4aa9183c
 class _Anchor(torch.autograd.Function):
     "A scalar made from the weights; its backward, after the taps', returns their gradients (`ColumnGrads`)."
     @staticmethod
