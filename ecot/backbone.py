@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -665,6 +666,7 @@ class _Anchor(torch.autograd.Function):
         return weights[0].new_zeros(())
 
     @staticmethod
+    @once_differentiable  # the weight gradients use the columns' inputs detached: no second derivative through them
     def backward(ctx, _):
         return None, *ctx.grads.weight_grads(ctx.needs_input_grad[1:])
 
@@ -677,6 +679,7 @@ class _Tap(torch.autograd.Function):
         return anchor.new_zeros(shape, dtype=dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         ctx.grads.outputs = g
         return None, None, None, None
